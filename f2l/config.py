@@ -1,0 +1,136 @@
+"""``F2LConfig``: everything besides weights that a Frames2LoRA checkpoint needs --
+which base it was trained on, the hypernetwork's architecture, how frames are sampled,
+and the internalization instruction -- plus the atomic file helpers the model layer uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_INSTRUCTION = "Internalize this video for later captioning."
+CONFIG_VERSION = 1
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory + ``os.replace``,
+    so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` save through a temp file + ``os.replace``."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+@dataclass
+class F2LConfig:
+    """Top-level configuration of a :class:`f2l.Frames2LoRA`.
+
+    base: preset name or checkpoint directory of the frozen VLM.
+    hypernet: ``HypernetConfig`` of the hypernetwork (None until a model is built).
+    target_modules: decoder-layer linears that receive the predicted LoRA.
+    max_frames / fps: frame sampling (SmolVLM2's rule: ``min(round(fps·duration), max_frames)``).
+    instruction: the text after the frames in the encoding prompt.
+    base_fingerprint: :func:`f2l.presets.fingerprint` of the base the hypernet was trained on.
+    chunk_videos / chunk_frames: memory bounds of the frozen encoding pass.
+    """
+
+    base: str = "tiny"
+    hypernet: Any = None
+    target_modules: tuple[str, ...] = ("down_proj",)
+    max_frames: int = 12
+    fps: float = 1.0
+    instruction: str = DEFAULT_INSTRUCTION
+    base_fingerprint: str = ""
+    chunk_videos: int | None = None
+    chunk_frames: int = 64
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.base, str) or not self.base:
+            raise TypeError(f"base: expected a non-empty str, got {self.base!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"target_modules: expected a non-empty tuple of module names, got {self.target_modules!r}")
+        if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
+            raise ValueError(f"max_frames: expected an int >= 1, got {self.max_frames!r}")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
+            raise ValueError(f"fps: expected a number > 0, got {self.fps!r}")
+        self.fps = float(self.fps)
+        if not isinstance(self.instruction, str):
+            raise TypeError(f"instruction: expected a str, got {type(self.instruction).__name__}")
+        if self.chunk_videos is not None and (not isinstance(self.chunk_videos, int) or self.chunk_videos < 1):
+            raise ValueError(f"chunk_videos: expected None or an int >= 1, got {self.chunk_videos!r}")
+        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
+            raise ValueError(f"chunk_frames: expected an int >= 1, got {self.chunk_frames!r}")
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["target_modules"] = list(self.target_modules)
+        hn = self.hypernet
+        out["hypernet"] = hn.to_dict() if hasattr(hn, "to_dict") else hn
+        out["version"] = CONFIG_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "F2LConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"data: expected a dict, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"data: config version {version} is not supported (expected {CONFIG_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"data: unknown F2LConfig keys {unknown}; expected a subset of {sorted(known)}")
+        hn = data.get("hypernet")
+        if isinstance(hn, dict):
+            from f2l.hypernet import HypernetConfig
+
+            data["hypernet"] = HypernetConfig.from_dict(hn)
+        if "target_modules" in data:
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+    def save(self, path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "F2LConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no F2L config at {str(path)!r}")
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"path: {str(path)!r} is not valid JSON ({e})") from None
+        return cls.from_dict(data)

@@ -1,0 +1,1 @@
+"""Shipped JSON architectures of the real SmolVLM2 presets (see f2l.presets)."""
