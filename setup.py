@@ -6,7 +6,6 @@ build environment, or when ``F2L_BUILD_CUDA=1``; ``F2L_SKIP_CUDA_BUILD=1`` alway
 Environment flags are documented in ``docs/ENV.md``.
 """
 import os
-import sys
 
 from setuptools import find_packages, setup
 
@@ -21,40 +20,72 @@ def _read_version():
     raise RuntimeError("no __version__ in f2l_kernels/__init__.py")
 
 
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _gencode_flags(spec):
+    """nvcc -gencode flags for ``F2L_CUDA_ARCHS`` ("80;90", "8.0 9.0", "90a"), plus PTX
+    for the newest listed arch so that newer GPUs can JIT the kernels."""
+    archs = []
+    for tok in spec.replace(",", ";").replace(" ", ";").split(";"):
+        tok = tok.strip().lower().replace("sm_", "").replace(".", "")
+        if not tok:
+            continue
+        if not (tok.rstrip("a").isdigit() and len(tok.rstrip("a")) >= 2):
+            raise RuntimeError(f"F2L_CUDA_ARCHS: expected compute capabilities like '80;90' or '9.0', got {spec!r}")
+        if tok not in archs:
+            archs.append(tok)
+    if not archs:
+        raise RuntimeError(f"F2L_CUDA_ARCHS: no architecture in {spec!r}")
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    top = max(archs, key=lambda a: int(a.rstrip("a")))
+    flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
+    return flags
+
+
 def _cuda_extensions():
-    """Return (ext_modules, cmdclass) for the optional CUDA extension."""
-    if os.environ.get("F2L_SKIP_CUDA_BUILD", "0") == "1":
+    """Return (ext_modules, cmdclass) for the optional CUDA extension ``f2l_kernels._C``.
+
+    Built when a CUDA toolkit and a CUDA build of torch are present, or when
+    ``F2L_BUILD_CUDA=1`` (then a missing toolkit is an error); ``F2L_SKIP_CUDA_BUILD=1``
+    always skips it. Without it, the decode LoRA path runs on Triton.
+    """
+    if _flag("F2L_SKIP_CUDA_BUILD"):
         return [], {}
-    forced = os.environ.get("F2L_BUILD_CUDA", "0") == "1"
+    forced = _flag("F2L_BUILD_CUDA")
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except Exception:
+    except Exception as e:
         if forced:
             raise RuntimeError("F2L_BUILD_CUDA=1 but torch is not importable in the build environment "
-                               "(use `pip install --no-build-isolation -e .`)")
+                               f"({e}); use `pip install --no-build-isolation -e .`") from e
         return [], {}
     if not forced and (CUDA_HOME is None or torch.version.cuda is None):
         return [], {}
+    if torch.version.cuda is None:
+        raise RuntimeError(f"F2L_BUILD_CUDA=1 but the installed torch ({torch.__version__}) is a CPU-only build; "
+                           "the extension links against torch's CUDA libraries: install a CUDA build of torch")
     if CUDA_HOME is None:
         raise RuntimeError("F2L_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
-    archs = os.environ.get("F2L_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    gencode = []
-    for a in filter(None, (x.strip() for x in archs)):
-        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    srcs = sorted(
-        os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith((".cu", ".cpp"))
-    )
+    csrc = os.path.join(HERE, "csrc")
+    srcs = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
+    # ninja's default parallelism can exhaust memory on small build machines: cap it
+    # unless the user chose a value (torch's BuildExtension reads MAX_JOBS).
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))
     ext = CUDAExtension(
         name="f2l_kernels._C",
         sources=srcs,
-        include_dirs=[os.path.join(HERE, "csrc")],
+        include_dirs=[csrc],
+        # No -std here: torch adds the standard its headers need (C++17 or C++20).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + gencode,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"] + _gencode_flags(os.environ.get("F2L_CUDA_ARCHS", "80;90")),
         },
     )
-    # MAX_JOBS is honoured by torch's BuildExtension (ninja -j).
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
@@ -69,6 +100,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["f2l", "f2l.*", "f2l_kernels", "f2l_kernels.*"]),
+    package_data={"f2l": ["configs/*.json"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system=='Linux'",
