@@ -6,12 +6,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, SmolVLMConfig, SmolVLMForConditionalGeneration
 
 from f2l.adapter import VideoAdapter
 from f2l.layers import LoRALinear, apply_f2l
 
-HID, INTER, NL, VOCAB = 32, 48, 2, 64
+from tiny_hf import HID, INTER, NL, VOCAB, tiny_llama, tiny_smolvlm  # noqa: E402
 SHAPES = {"down_proj": (INTER, HID), "q_proj": (HID, HID)}
 
 
@@ -25,29 +24,6 @@ def make_adapter(r=3, scale=2.0, fp="fp0", bias_rank=0, modules=SHAPES, L=NL, dt
 def delta_w(ad, m, layer):
     """Dense ``scale * B @ A`` of one (module, layer) in float64."""
     return ad.scale * ad.lora_b[m][layer].double() @ ad.lora_a[m][layer].double()
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HID, intermediate_size=INTER, num_hidden_layers=NL,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else None
-    return m.requires_grad_(False)
-
-
-def tiny_smolvlm(seed=0):
-    torch.manual_seed(seed)
-    cfg = SmolVLMConfig(
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=HID, intermediate_size=INTER,
-                         num_hidden_layers=NL, num_attention_heads=4, num_key_value_heads=2),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        scale_factor=2,
-    )
-    return SmolVLMForConditionalGeneration(cfg).eval().requires_grad_(False)
 
 
 def rel_err(got, want):

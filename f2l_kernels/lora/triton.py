@@ -36,6 +36,8 @@ import triton.language as tl
 
 from f2l_kernels._alloc import empty
 from f2l_kernels._backend import interpret_mode
+from f2l_kernels._triton_common import cast_to as _cast
+from f2l_kernels._triton_common import mma as _mma
 from f2l_kernels.lora.batch import LoraBatch
 
 __all__ = ["lora_linear_triton", "lora_delta_triton"]
@@ -75,28 +77,6 @@ def _grad_configs():
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _mma(a, b, DOT_PREC: tl.constexpr):
-    # Under TRITON_INTERPRET=1 tl.dot on bf16/fp16 operands is not reliable, so the
-    # interpreter gets fp32 operands (the same values: the products are exact either way).
-    if INTERPRET:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cast(v, DTYPE: tl.constexpr):
-    # The interpreter truncates fp32 -> bf16; round to nearest even by hand there so that
-    # CPU tests see the rounding the GPU does.
-    if INTERPRET:
-        if DTYPE == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(DTYPE)
 
 
 @triton.autotune(configs=_fused_configs(), key=["K_DIM", "N_DIM", "BLOCK_R", "BLOCK_M"], restore_value=["Y"])

@@ -56,6 +56,8 @@ from torch.library import wrap_triton
 
 from f2l_kernels._alloc import empty
 from f2l_kernels._backend import interpret_mode
+from f2l_kernels._triton_common import cast_to as _cast
+from f2l_kernels._triton_common import mma as _mma
 
 __all__ = ["perceiver_attention_triton", "ctx_attention", "plan_work"]
 
@@ -97,28 +99,6 @@ def _bwd_dctx_configs():
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _mma(a, b, DOT_PREC: tl.constexpr):
-    # The interpreter's tl.dot on bf16/fp16 operands is not reliable: give it fp32
-    # operands holding the same values (the products are exact either way).
-    if INTERPRET:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cast(v, DTYPE: tl.constexpr):
-    # The interpreter truncates fp32 -> bf16; round to nearest even by hand so CPU tests
-    # see the rounding the GPU does.
-    if INTERPRET:
-        if DTYPE == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(DTYPE)
 
 
 @triton.jit
