@@ -295,6 +295,10 @@ class Frames2LoRA(nn.Module):
         if adapters is None:
             return contextlib.nullcontext()
         # The patch casts the factors to the base dtype (differentiably) once per block.
+        if getattr(adapters, "bias_rank", 0) and any(isinstance(i, (list, tuple)) for i in adapter_ids):
+            # A composition list shares the context-free bias ranks once, as VideoAdapter.compose does.
+            la, lb, ids, ranks = adapters.with_shared_bias(adapter_ids)
+            return self.patch.use(la, lb, ids, scale=adapters.scale, ranks=ranks)
         return self.patch.use(adapters.lora_a, adapters.lora_b, adapter_ids, scale=adapters.scale)
 
     def lm_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, adapters=None,

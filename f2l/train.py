@@ -1,0 +1,1157 @@
+"""Training the Frames2LoRA hypernetwork.
+
+The base VLM is frozen; only the hypernetwork learns. One step:
+
+1. the videos of the step's examples are encoded by the frozen VLM (no grad; an
+   in-memory cache makes this free after the first epoch when it is enabled),
+2. the hypernetwork maps their stacked layer states to LoRA factors,
+3. the frozen text model, carrying each example's adapter and seeing **only** the
+   question prompt (zero visual tokens), is teacher-forced on the target answer;
+   the loss is the cross-entropy on the answer tokens (the prompt is masked), plus
+   optionally ``kl_weight`` · KL(teacher ‖ student) where the teacher is the same frozen
+   model with the video in its context.
+
+An example may name several videos -- the non-overlapping *segments* of one video. Their
+adapters are composed in rank space (the per-sequence adapter lists of the LoRA kernel)
+and the question is about the whole video; the composition stage trains exactly that.
+
+Optimisation: AdamW (weight decay on matrices only), linear warm-up then cosine decay,
+gradient clipping, gradient accumulation, bf16 autocast on CUDA. Checkpoints are
+directories of safetensors + JSON (hypernetwork, optimizer state, RNG states, step);
+resuming from one reproduces the uninterrupted run exactly, because the data order is a
+pure function of (seed, step). Multi-GPU: launch with ``torchrun``; every rank computes
+its share of the global batch and the gradients are averaged with one all-reduce per
+step (NCCL on GPUs, gloo on CPUs).
+
+Entry points: :class:`TrainConfig`, :func:`train` (what ``f2l train`` runs), and the
+pieces it is built from (:class:`Trainer`, :class:`VideoStore`, the example sources),
+which :mod:`f2l.demo` reuses with pre-encoded synthetic videos.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = [
+    "TrainConfig",
+    "Example",
+    "Stage",
+    "VideoStore",
+    "ShuffledSource",
+    "SegmentSource",
+    "Trainer",
+    "answer_loss",
+    "cosine_schedule",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "train",
+    "add_train_arguments",
+    "config_from_args",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+METRICS = "metrics.jsonl"
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the data on disk.
+
+    Data: ``manifest`` (JSONL, the authors' format; relative video paths resolve against
+    ``data_root``, default the manifest's directory) rows with ``split`` are the examples.
+    Without a manifest, ``synthetic`` > 0 trains on that many synthetic moving-shapes
+    videos (single-segment questions; see :mod:`f2l.data.synthetic`).
+
+    Steps: ``steps`` single-adapter steps, then ``compose_steps`` composition steps in
+    which each example's video is split into 1..``max_segments`` non-overlapping
+    segments whose adapters are composed in rank space. One optimizer and one schedule
+    span both stages. A step consumes ``batch_size · grad_accum · world_size`` examples.
+    """
+
+    # model
+    base: str = "tiny"
+    hypernet: str | None = None  # an f2l hypernetwork directory to start from
+    hypernet_preset: str | None = None  # "tiny" | "frames2lora"; None: the model's default
+    # data
+    manifest: str | None = None
+    data_root: str | None = None
+    split: str | None = "train"
+    synthetic: int = 0
+    instruction: str | None = None
+    max_frames: int | None = None
+    cache_encoded: bool = False
+    # stages
+    steps: int = 1000
+    compose_steps: int = 0
+    max_segments: int = 3
+    # optimisation
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float = 1.0
+    kl_weight: float = 0.0
+    kl_temperature: float = 1.0
+    precision: str = "auto"
+    backend: str | None = None
+    # bookkeeping
+    out_dir: str = "f2l_train_out"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: str | None = None  # a checkpoint dir, an out_dir, or "auto" (latest in out_dir)
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def pos_int(name, lo=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+
+        def num(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}: expected a finite number, got {v!r}")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise ValueError(f"{name}: expected {'>' if lo_open else '>='} {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{name}: expected <= {hi}, got {v!r}")
+            setattr(self, name, float(v))
+
+        if not isinstance(self.base, str) or not self.base:
+            raise TypeError(f"base: expected a preset name or checkpoint directory, got {self.base!r}")
+        for name in ("hypernet", "hypernet_preset", "manifest", "data_root", "split", "instruction", "resume",
+                     "device", "backend"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"{name}: expected a str or None, got {type(v).__name__}")
+        pos_int("synthetic", 0)
+        pos_int("steps", 0)
+        pos_int("compose_steps", 0)
+        if self.steps + self.compose_steps < 1:
+            raise ValueError(f"steps: expected steps + compose_steps >= 1, got {self.steps} + {self.compose_steps}")
+        pos_int("max_segments")
+        pos_int("batch_size")
+        pos_int("grad_accum")
+        pos_int("save_every", 0)
+        pos_int("keep_checkpoints", 0)
+        pos_int("log_every")
+        pos_int("seed", 0)
+        if self.max_frames is not None:
+            pos_int("max_frames")
+        if self.warmup_steps is not None:
+            pos_int("warmup_steps", 0)
+        num("lr", 0.0, lo_open=True)
+        num("weight_decay", 0.0)
+        num("eps", 0.0, lo_open=True)
+        num("warmup_ratio", 0.0, 1.0)
+        num("min_lr_ratio", 0.0, 1.0)
+        num("clip_grad_norm", 0.0)
+        num("kl_weight", 0.0)
+        num("kl_temperature", 0.0, lo_open=True)
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise TypeError(f"out_dir: expected a non-empty str, got {self.out_dir!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.compose_steps
+
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.total_steps)
+        return int(round(self.warmup_ratio * self.total_steps))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"d: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"d: unknown TrainConfig keys {unknown}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- examples and sources
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example.
+
+    ``videos``: keys of a :class:`VideoStore`. One key: a single adapter. Several keys: the
+    non-overlapping segments of one video, whose adapters are composed in rank space.
+    """
+
+    videos: tuple[str, ...]
+    prompt: str
+    target: str
+
+    def __post_init__(self):
+        if isinstance(self.videos, str) or not isinstance(self.videos, tuple) or not self.videos:
+            raise TypeError(f"videos: expected a non-empty tuple of keys, got {self.videos!r}")
+        if not isinstance(self.prompt, str) or not isinstance(self.target, str):
+            raise TypeError("prompt, target: expected str")
+
+
+class ShuffledSource:
+    """Epochs of a fixed example list, each in a fresh seeded permutation.
+
+    ``global_batch(step, n)`` is a pure function of ``(seed, step, n)``: the examples of
+    global positions ``step·n .. step·n + n - 1`` of the endless shuffled stream -- which is
+    what makes resuming exact without saving any iterator state.
+    """
+
+    def __init__(self, examples: Sequence[Example], *, seed: int = 0):
+        examples = list(examples)
+        if not examples:
+            raise ValueError("examples: expected at least one example, got none")
+        if not all(isinstance(e, Example) for e in examples):
+            raise TypeError("examples: expected a sequence of Example")
+        self.examples = examples
+        self.seed = int(seed)
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.examples), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_batch(self, step: int, n: int) -> list[Example]:
+        out = []
+        for g in range(step * n, step * n + n):
+            epoch, pos = divmod(g, len(self.examples))
+            out.append(self.examples[self._permutation(epoch)[pos]])
+        return out
+
+
+class SegmentSource:
+    """Composition examples from whole-video examples.
+
+    Each drawn example's (single) video is split into ``k`` non-overlapping, contiguous,
+    near-equal segments, ``k`` uniform in ``[1, max_segments]``; the example then names the
+    ``k`` segment keys (``"<key>#seg<j>of<k>"``, which :class:`VideoStore` resolves) and keeps
+    its question about the whole video. Deterministic in ``(seed, step)``.
+    """
+
+    def __init__(self, base: ShuffledSource, *, max_segments: int = 3, seed: int = 0):
+        if not isinstance(base, ShuffledSource):
+            raise TypeError(f"base: expected a ShuffledSource, got {type(base).__name__}")
+        if isinstance(max_segments, bool) or not isinstance(max_segments, int) or max_segments < 1:
+            raise ValueError(f"max_segments: expected an int >= 1, got {max_segments!r}")
+        self.base, self.max_segments, self.seed = base, max_segments, int(seed)
+
+    def global_batch(self, step: int, n: int) -> list[Example]:
+        rng = np.random.default_rng([self.seed, 0x5E6, step])
+        out = []
+        for ex in self.base.global_batch(step, n):
+            if len(ex.videos) != 1:
+                raise ValueError(f"SegmentSource: example {ex.prompt!r} already names {len(ex.videos)} videos")
+            k = int(rng.integers(1, self.max_segments + 1))
+            keys = (ex.videos[0],) if k == 1 else tuple(segment_key(ex.videos[0], j, k) for j in range(k))
+            out.append(Example(keys, ex.prompt, ex.target))
+        return out
+
+
+def segment_key(key: str, j: int, k: int) -> str:
+    return f"{key}#seg{j}of{k}"
+
+
+def _parse_segment_key(key: str) -> tuple[str, int, int] | None:
+    head, sep, tail = key.rpartition("#seg")
+    if not sep or "of" not in tail:
+        return None
+    j, _, k = tail.partition("of")
+    if not (j.isdigit() and k.isdigit()):
+        return None
+    return head, int(j), int(k)
+
+
+@dataclass
+class Stage:
+    """``steps`` steps drawing examples from ``source`` (anything with ``global_batch(step, n)``)."""
+
+    name: str
+    steps: int
+    source: Any
+
+
+# --------------------------------------------------------------------------- encoded videos
+
+
+class VideoStore:
+    """Videos by key, encoded by the frozen base on demand (optionally cached).
+
+    A key's video comes from :meth:`add` (frames, a :class:`f2l.video.Video`, or a path),
+    from :meth:`add_encoded` (states computed elsewhere), or from ``resolver(key)``. Keys
+    of the form ``"<key>#seg<j>of<k>"`` are segment ``j`` of ``k`` near-equal contiguous
+    segments of ``<key>``'s sampled frames, keeping their original timestamps.
+
+    With ``cache=True`` each video is encoded *alone* the first time it is needed, so its
+    states never depend on which other videos shared a batch (exact resume needs that);
+    without it, a step's videos are encoded together and dropped afterwards.
+    """
+
+    def __init__(self, model, *, cache: bool = False, instruction: str | None = None,
+                 max_frames: int | None = None, resolver: Callable[[str], Any] | None = None):
+        self.model = model
+        self.base = model.base
+        self.cache = bool(cache)
+        mcfg = getattr(model, "config", None)
+        # Same frame sampling and instruction as Frames2LoRA.encode/internalize, so that the
+        # adapters a trained model makes at inference see the states it trained on.
+        self.instruction = instruction or getattr(mcfg, "instruction", None)
+        self.max_frames = max_frames or getattr(mcfg, "max_frames", None) or self.base.max_frames
+        self.fps = float(getattr(mcfg, "fps", None) or self.base.fps)
+        self.resolver = resolver
+        self._sources: dict[str, Any] = {}
+        self._encoded: dict[str, tuple[torch.Tensor, int, int]] = {}  # key -> (states [L, T, H], frames, visual)
+
+    def __len__(self) -> int:
+        return len(set(self._sources) | set(self._encoded))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sources or key in self._encoded
+
+    def add(self, key: str, source) -> None:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key: expected a non-empty str, got {key!r}")
+        self._sources[key] = source
+        self._encoded.pop(key, None)
+
+    def add_encoded(self, key: str, states: torch.Tensor, *, num_frames: int, visual_tokens: int) -> None:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key: expected a non-empty str, got {key!r}")
+        L, H = self.base.num_layers, self.base.hidden_size
+        if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[0] != L or states.shape[2] != H:
+            got = list(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+            raise ValueError(f"states: expected [L={L}, T, H={H}], got {got}")
+        self._encoded[key] = (states, int(num_frames), int(visual_tokens))
+
+    def _video(self, key: str):
+        from f2l.video import Video, load_video
+
+        if key in self._sources:
+            src = self._sources[key]
+        else:
+            seg = _parse_segment_key(key)
+            if seg is not None:
+                parent, j, k = seg
+                v = self._load(parent)
+                n = v.num_frames
+                if k > n:
+                    raise ValueError(f"key {key!r}: {k} segments requested but the video has {n} frames")
+                lo, hi = (j * n) // k, ((j + 1) * n) // k
+                return Video(pixel_values=v.pixel_values[lo:hi], timestamps=list(v.timestamps[lo:hi]),
+                             duration=v.duration, source=f"{v.source}#seg{j}of{k}",
+                             indices=list(v.indices[lo:hi]) if v.indices else [])
+            if self.resolver is None:
+                raise KeyError(f"key: unknown video {key!r} (not added and no resolver)")
+            src = self.resolver(key)
+        return load_video(src, image_size=self.base.image_size, max_frames=self.max_frames, fps=self.fps,
+                          mean=self.base.image_mean, std=self.base.image_std)
+
+    def _load(self, key: str):
+        v = self._video(key)
+        if self.cache and key in self._sources:
+            self._sources[key] = v  # decoded and resized once
+        return v
+
+    def _encode_now(self, keys: Sequence[str]):
+        from f2l.encode import encode_videos
+
+        videos = [self._load(k) for k in keys]
+        return encode_videos(self.base, videos, self.instruction, max_frames=self.max_frames, progress=False)
+
+    @torch.no_grad()
+    def precompute(self, keys: Iterable[str] | None = None, *, progress: bool = True) -> None:
+        """Encode and cache ``keys`` (default: every added video), one video per pass."""
+        keys = list(self._sources) if keys is None else list(keys)
+        for k in tqdm(keys, desc="encode", unit="video", disable=not progress, leave=False):
+            if k not in self._encoded:
+                enc = self._encode_now([k])
+                self._encoded[k] = (enc.states, enc.num_frames[0], enc.visual_tokens[0])
+
+    @torch.no_grad()
+    def encode(self, keys: Sequence[str]):
+        """Packed :class:`f2l.encode.EncodedVideos` of ``keys``, in order."""
+        from f2l.encode import EncodedVideos
+
+        keys = list(keys)
+        if not keys:
+            raise ValueError("keys: expected at least one key, got none")
+        missing = [k for k in dict.fromkeys(keys) if k not in self._encoded]
+        if missing and not self.cache:
+            enc = self._encode_now(missing)
+            fresh = {k: (enc.video(i), enc.num_frames[i], enc.visual_tokens[i]) for i, k in enumerate(missing)}
+        else:
+            self.precompute(missing, progress=False)
+            fresh = {}
+        parts = [fresh[k] if k in fresh else self._encoded[k] for k in keys]
+        dev = self.base.device
+        states = torch.cat([p[0].to(dev) for p in parts], dim=1)
+        cu = torch.zeros(len(parts) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor([p[0].shape[1] for p in parts]).cumsum(0)
+        return EncodedVideos(states=states, cu_seqlens=cu.to(dev), num_frames=[p[1] for p in parts],
+                             visual_tokens=[p[2] for p in parts], sources=list(keys))
+
+    def visual_tokens(self, key: str) -> int:
+        if key not in self._encoded:
+            self.precompute([key], progress=False)
+        return self._encoded[key][2]
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the labelled (answer) positions.
+
+    ``logits [S, T, V]`` at position t predict token t+1; ``labels [S, T]`` are the input
+    ids with ``-100`` on everything that is not answer. Returns ``(loss, n_tokens)``.
+    """
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits/labels: expected [S, T, V] and [S, T], got {list(logits.shape)} and "
+                         f"{list(labels.shape)}")
+    tgt = labels[:, 1:]
+    n = int((tgt != -100).sum())
+    if n == 0:
+        raise ValueError("labels: no answer tokens to train on (every label is -100)")
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss / n, n
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from 1/(warmup+1) to 1, then cosine to ``min_lr_ratio``."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps: expected >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps: expected in [0, {total_steps}], got {warmup_steps}")
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _flatten(obj, prefix: str, tensors: dict[str, torch.Tensor]):
+    """JSON skeleton of a nested state, with every tensor moved into ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {"__float__": repr(obj)}
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix!r}")
+
+
+def _unflatten(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        raise ValueError(f"malformed checkpoint skeleton entry {sorted(obj)}")
+    return obj
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
+    """Build a directory under a temporary name, then move it into place."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old.", dir=parent)
+            os.replace(final, os.path.join(old, "x"))
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(path: str, *, hypernet: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, step: int, config: TrainConfig | None = None, extra: dict | None = None) -> str:
+    """Write a resumable checkpoint directory (atomically).
+
+    Layout: ``hypernet/`` (``config.json`` + ``model.safetensors``, loadable on its own by
+    ``Frames2LoRAHypernet.from_pretrained``), ``optimizer.safetensors`` (every optimizer
+    and RNG tensor), ``trainer_state.json`` (step, schedule, optimizer skeleton, RNG
+    skeleton, train config, ``extra``).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an int >= 0, got {step!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    opt_skel = _flatten(optimizer.state_dict(), "optimizer", tensors)
+    rng_skel = _flatten(_rng_state(), "rng", tensors)
+    state = {
+        "format": "f2l.train_checkpoint",
+        "version": 1,
+        "step": step,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "optimizer": opt_skel,
+        "rng": rng_skel,
+        "config": config.to_dict() if config is not None else None,
+        "extra": extra or {},
+    }
+
+    def write(d: str) -> None:
+        hypernet.save_pretrained(os.path.join(d, "hypernet"))
+        save_file(tensors, os.path.join(d, "optimizer.safetensors"))
+        with open(os.path.join(d, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+
+    _atomic_dir(path, write)
+    return path
+
+
+def load_checkpoint(path: str, *, hypernet: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None, restore_rng: bool = True) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the trainer state dict (``step``, ...)."""
+    from safetensors.torch import load_file
+
+    if not isinstance(path, str) or not os.path.isdir(path):
+        raise FileNotFoundError(f"path: checkpoint directory {path!r} does not exist")
+    sfile = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(sfile):
+        raise ValueError(f"path: {path!r} is not an f2l training checkpoint (no trainer_state.json)")
+    with open(sfile) as f:
+        state = json.load(f)
+    if state.get("format") != "f2l.train_checkpoint":
+        raise ValueError(f"path: {sfile!r} has format {state.get('format')!r}, expected 'f2l.train_checkpoint'")
+    sd = load_file(os.path.join(path, "hypernet", "model.safetensors"))
+    own = hypernet.state_dict()
+    if set(sd) != set(own):
+        raise ValueError(f"path: hypernetwork weights do not match the model (missing "
+                         f"{sorted(set(own) - set(sd))[:5]}, unexpected {sorted(set(sd) - set(own))[:5]})")
+    for k, v in own.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(f"path: hypernetwork weight {k!r} has shape {list(sd[k].shape)}, expected {list(v.shape)}")
+    hypernet.load_state_dict(sd)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    if optimizer is not None:
+        osd = _unflatten(state["optimizer"], tensors)
+        optimizer.load_state_dict(osd)
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        _set_rng_state(_unflatten(state["rng"], tensors))
+    return state
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The checkpoint ``out_dir/checkpoints/latest.json`` points to, or None."""
+    p = os.path.join(out_dir, CHECKPOINT_DIR, LATEST)
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        name = json.load(f).get("path")
+    full = os.path.join(out_dir, CHECKPOINT_DIR, name) if name else None
+    return full if full and os.path.isdir(full) else None
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    from f2l.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _maybe_init_distributed(device: torch.device | None) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); True if we created it."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_nccl = torch.cuda.is_available() and (device is None or device.type == "cuda")
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return True
+
+
+@torch.no_grad()
+def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over ranks, one flat buffer per dtype (one collective each)."""
+    dist = _dist()
+    if dist is None or world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # every rank must contribute the same buffer layout
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for ps in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        dist.all_reduce(flat)
+        flat /= world
+        off = 0
+        for p in ps:
+            n = p.grad.numel()
+            p.grad.copy_(flat[off:off + n].view_as(p.grad))
+            off += n
+
+
+@torch.no_grad()
+def _broadcast_params(module: torch.nn.Module) -> None:
+    dist = _dist()
+    if dist is None:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, str):
+        return torch.device(device)
+    raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, scalers, latents and 1-D weights are left alone."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and "scaler" not in name and "latents" not in name and "norm" not in name
+        (decay if is_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Trainer:
+    """The training loop over explicit stages (what :func:`train` and the demo drive).
+
+    ``model`` is a :class:`f2l.Frames2LoRA`; only ``model.hypernet`` is optimised.
+    ``on_step(step, metrics)`` is called on every rank after each optimizer step.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, stages: Sequence[Stage], store: VideoStore, *,
+                 on_step: Callable[[int, dict], None] | None = None):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+        if not isinstance(store, VideoStore):
+            raise TypeError(f"store: expected a VideoStore, got {type(store).__name__}")
+        stages = [s for s in stages if s.steps > 0]
+        if not stages:
+            raise ValueError("stages: expected at least one stage with steps > 0")
+        for s in stages:
+            if not hasattr(s.source, "global_batch"):
+                raise TypeError(f"stages: stage {s.name!r} source has no global_batch(step, n)")
+        self.model, self.cfg, self.stages, self.store, self.on_step = model, cfg, stages, store, on_step
+        self.total_steps = sum(s.steps for s in stages)
+        dist = _dist()
+        self.rank = dist.get_rank() if dist else 0
+        self.world = dist.get_world_size() if dist else 1
+        self.device = model.base.device
+        self.hypernet = model.hypernet
+        self.hypernet.train()
+        _broadcast_params(self.hypernet)
+        self.params = [p for p in self.hypernet.parameters() if p.requires_grad]
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(_param_groups(self.hypernet, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas, eps=cfg.eps, **fused)
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(self.total_steps, min(warm, self.total_steps), cfg.min_lr_ratio))
+        self.step = 0
+        self.history: list[dict] = []
+        prec = cfg.precision
+        if prec == "auto":
+            prec = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = prec
+
+    # -- data
+    def stage_at(self, step: int) -> tuple[Stage, int]:
+        """The stage of global step ``step`` and the step index within it."""
+        for s in self.stages:
+            if step < s.steps:
+                return s, step
+            step -= s.steps
+        raise IndexError(f"step {step} is past the last stage")
+
+    def micro_batches(self, step: int) -> list[list[Example]]:
+        """This rank's micro-batches of ``step`` (a slice of the global batch)."""
+        stage, local = self.stage_at(step)
+        b, acc = self.cfg.batch_size, self.cfg.grad_accum
+        n = b * acc * self.world
+        exs = stage.source.global_batch(local, n)
+        if len(exs) != n:
+            raise RuntimeError(f"stage {stage.name!r}: source returned {len(exs)} examples, expected {n}")
+        mine = exs[self.rank * b * acc:(self.rank + 1) * b * acc]
+        return [mine[i * b:(i + 1) * b] for i in range(acc)]
+
+    # -- model
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _lora_backend(self):
+        """Run the LoRA layers on ``cfg.backend`` (the patch's own setting otherwise)."""
+        patch = getattr(self.model, "patch", None)
+        if self.cfg.backend is None or patch is None or not hasattr(patch, "backend"):
+            yield
+            return
+        old = patch.backend
+        patch.backend = self.cfg.backend
+        try:
+            yield
+        finally:
+            patch.backend = old
+
+    def forward(self, examples: Sequence[Example]) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch (differentiable w.r.t. the hypernetwork)."""
+        keys = list(dict.fromkeys(k for ex in examples for k in ex.videos))
+        index = {k: i for i, k in enumerate(keys)}
+        enc = self.store.encode(keys)
+        ids = [[index[k] for k in ex.videos] for ex in examples]
+        adapter_ids = [i[0] if len(i) == 1 else i for i in ids]
+        input_ids, attn, labels = self.model.question_ids([ex.prompt for ex in examples],
+                                                          [ex.target for ex in examples])
+        with self.autocast(), self._lora_backend():
+            adapters = self.model.adapter_tensors(enc, backend=self.cfg.backend)
+            logits = self.model.lm_forward(input_ids, attn, adapters, adapter_ids)
+        ce, n_tok = answer_loss(logits, labels)
+        loss = ce
+        stats = {"ce": float(ce.detach()), "answer_tokens": n_tok}
+        if self.cfg.kl_weight > 0:
+            kl = self._kl(examples, logits, labels)
+            loss = loss + self.cfg.kl_weight * kl
+            stats["kl"] = float(kl.detach())
+        return loss, stats
+
+    @torch.no_grad()
+    def _teacher_logits(self, ex: Example, answer_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen model with the video in context, predicting ``answer_ids``."""
+        from f2l.encode import multimodal_embeds, prompt_ids
+        from f2l.video import Video
+
+        base = self.model.base
+        vids = [self.store._load(k) for k in ex.videos]
+        if len(vids) == 1:
+            video = vids[0]
+        else:  # segments back to back: the whole video in context
+            video = Video(pixel_values=torch.cat([v.pixel_values for v in vids]),
+                          timestamps=[t for v in vids for t in v.timestamps], duration=vids[0].duration)
+        ids = torch.cat([prompt_ids(base, video, ex.prompt), answer_ids.cpu()])
+        x = multimodal_embeds(base, ids, video)[None]
+        with self.autocast():
+            h = base.text_model(inputs_embeds=x, use_cache=False).last_hidden_state
+            logits = base.lm_head(h)[0]
+        n = answer_ids.numel()
+        return logits[-n - 1:-1].float()
+
+    def _kl(self, examples, logits, labels) -> torch.Tensor:
+        t = self.cfg.kl_temperature
+        total, count = logits.new_zeros((), dtype=torch.float32), 0
+        for i, ex in enumerate(examples):
+            pos = (labels[i, 1:] != -100).nonzero(as_tuple=True)[0]
+            if pos.numel() == 0:
+                continue
+            ans = labels[i, 1:][pos]
+            teacher = self._teacher_logits(ex, ans)
+            student = logits[i, pos].float()
+            kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                          reduction="sum") * (t * t)
+            total = total + kl
+            count += pos.numel()
+        return total / max(count, 1)
+
+    # -- loop
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        stage, _ = self.stage_at(self.step)
+        total_loss, stats_sum = 0.0, {}
+        for mb in self.micro_batches(self.step):
+            loss, stats = self.forward(mb)
+            (loss / cfg.grad_accum).backward()
+            total_loss += float(loss.detach()) / cfg.grad_accum
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + (v / cfg.grad_accum if k != "answer_tokens" else v)
+        _allreduce_grads(self.params, self.world)
+        if cfg.clip_grad_norm > 0:
+            gn = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
+        else:
+            gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist = _dist()
+        if dist is not None and self.world > 1:
+            t = torch.tensor([total_loss], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t)
+            total_loss = float(t) / self.world
+        self.step += 1
+        m = {"step": self.step, "stage": stage.name, "loss": total_loss, "lr": lr, "grad_norm": gn,
+             "step_time_s": time.perf_counter() - t0, **stats_sum}
+        return m
+
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Train from the current step to ``until`` (default: the end). Rank 0 logs and saves."""
+        cfg = self.cfg
+        end = self.total_steps if until is None else min(until, self.total_steps)
+        metrics_path = os.path.join(cfg.out_dir, METRICS)
+        is_main = self.rank == 0
+        if is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step",
+                   disable=not (cfg.progress and is_main), dynamic_ncols=True)
+        t_start = time.perf_counter()
+        pending = []
+        try:
+            while self.step < end:
+                m = self.train_step()
+                m["elapsed_s"] = time.perf_counter() - t_start
+                self.history.append(m)
+                pending.append(m)
+                if self.on_step is not None:
+                    self.on_step(self.step, m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", stage=m["stage"])
+                if is_main and (self.step % cfg.log_every == 0 or self.step == end):
+                    with open(metrics_path, "a") as f:
+                        for p in pending:
+                            f.write(json.dumps(p) + "\n")
+                    pending = []
+                elif not is_main:
+                    pending = []
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+        finally:
+            bar.close()
+        return self.history
+
+    def checkpoint_path(self, step: int | None = None) -> str:
+        return os.path.join(self.cfg.out_dir, CHECKPOINT_DIR, f"step-{self.step if step is None else step:07d}")
+
+    def save(self, path: str | None = None) -> str | None:
+        """Checkpoint on rank 0 (others wait); keeps the newest ``keep_checkpoints``."""
+        dist = _dist()
+        path = path or self.checkpoint_path()
+        if self.rank == 0:
+            save_checkpoint(path, hypernet=self.hypernet, optimizer=self.optimizer, scheduler=self.scheduler,
+                            step=self.step, config=self.cfg)
+            ckdir = os.path.dirname(path)
+            if os.path.abspath(ckdir) == os.path.abspath(os.path.join(self.cfg.out_dir, CHECKPOINT_DIR)):
+                _write_json_atomic(os.path.join(ckdir, LATEST), {"path": os.path.basename(path), "step": self.step})
+                if self.cfg.keep_checkpoints:
+                    olds = sorted(d for d in os.listdir(ckdir) if d.startswith("step-") and
+                                  os.path.isdir(os.path.join(ckdir, d)))
+                    for d in olds[:-self.cfg.keep_checkpoints]:
+                        shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
+        if dist is not None:
+            dist.barrier()
+        return path
+
+    def resume(self, path: str) -> int:
+        """Load a checkpoint (a checkpoint dir or an out_dir with ``latest.json``); returns its step."""
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found = latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"resume: no checkpoint in {path!r}")
+            path = found
+        state = load_checkpoint(path, hypernet=self.hypernet, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = int(state["step"])
+        if self.step > self.total_steps:
+            raise ValueError(f"resume: checkpoint is at step {self.step}, past this run's {self.total_steps} steps")
+        # Drop metric rows from beyond the checkpoint (a run that died after saving).
+        mpath = os.path.join(self.cfg.out_dir, METRICS)
+        if self.rank == 0 and os.path.isfile(mpath):
+            with open(mpath) as f:
+                rows = [json.loads(x) for x in f if x.strip()]
+            keep = [r for r in rows if r.get("step", 0) <= self.step]
+            from f2l.config import atomic_write_text
+
+            atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in keep))
+        return self.step
+
+
+# --------------------------------------------------------------------------- train(cfg)
+
+
+def _build_model(cfg: TrainConfig, device: torch.device):
+    from f2l.model import Frames2LoRA
+
+    kwargs = {"device": device}
+    if cfg.hypernet is not None:
+        kwargs["hypernet"] = cfg.hypernet
+    if cfg.hypernet_preset is not None:
+        kwargs["preset"] = cfg.hypernet_preset
+    if device.type == "cuda" and cfg.precision in ("auto", "bf16"):
+        kwargs["dtype"] = torch.bfloat16
+    model = Frames2LoRA.from_pretrained(cfg.base, **kwargs)
+    # The hypernetwork trains in fp32 (AdamW master weights); autocast runs its matmuls in bf16.
+    model.hypernet.to(dtype=torch.float32)
+    return model
+
+
+def _synthetic_examples(cfg: TrainConfig, store: VideoStore) -> list[Example]:
+    from f2l.data.synthetic import make_videos
+
+    size = store.base.image_size
+    vids = make_videos(cfg.synthetic, seed=cfg.seed, num_segments=1, frames_per_segment=4, size=size)
+    out = []
+    for v in vids:
+        store.add(v.id, v.frames)
+        out += [Example((v.id,), qa.question, qa.answer) for qa in v.questions()]
+    return out
+
+
+def _manifest_examples(cfg: TrainConfig, store: VideoStore) -> list[Example]:
+    from f2l.data.manifest import read_manifest
+
+    rows = read_manifest(cfg.manifest, data_root=cfg.data_root, split=cfg.split, require_target=True)
+    if not rows:
+        raise ValueError(f"manifest: no rows with split {cfg.split!r} in {cfg.manifest!r}")
+    out = []
+    for r in rows:
+        path = r.resolved_video_path()
+        if path not in store:
+            store.add(path, path)
+        out.append(Example((path,), r.prompt, r.target_text))
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a hypernetwork as ``cfg`` says; returns a summary dict.
+
+    Writes ``out_dir/metrics.jsonl`` (one row per step), checkpoints under
+    ``out_dir/checkpoints/`` (every ``save_every`` steps and at the end) and the final
+    hypernetwork to ``out_dir/hypernet/`` (``Frames2LoRA.from_pretrained(base,
+    hypernet=out_dir/hypernet)`` loads it). Under ``torchrun`` every rank runs this.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if cfg.manifest is None and cfg.synthetic == 0:
+        raise ValueError("manifest: expected a manifest path (or synthetic > 0 for synthetic videos), got neither")
+    device = _resolve_device(cfg.device)
+    created = _maybe_init_distributed(device)
+    try:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = _build_model(cfg, device)
+        store = VideoStore(model, cache=cfg.cache_encoded, instruction=cfg.instruction, max_frames=cfg.max_frames)
+        examples = _synthetic_examples(cfg, store) if cfg.manifest is None else _manifest_examples(cfg, store)
+        source = ShuffledSource(examples, seed=cfg.seed)
+        stages = [Stage("single", cfg.steps, source)]
+        if cfg.compose_steps:
+            stages.append(Stage("compose", cfg.compose_steps,
+                                SegmentSource(source, max_segments=cfg.max_segments, seed=cfg.seed)))
+        trainer = Trainer(model, cfg, stages, store)
+        resumed = None
+        if cfg.resume:
+            where = cfg.out_dir if cfg.resume == "auto" else cfg.resume
+            if cfg.resume != "auto" or latest_checkpoint(cfg.out_dir) is not None:
+                resumed = trainer.resume(where)
+        elif trainer.rank == 0 and os.path.isfile(os.path.join(cfg.out_dir, METRICS)):
+            os.remove(os.path.join(cfg.out_dir, METRICS))  # a fresh run starts a fresh log
+        t0 = time.perf_counter()
+        history = trainer.fit()
+        wall = time.perf_counter() - t0
+        ckpt = trainer.save()
+        hdir = os.path.join(cfg.out_dir, "hypernet")
+        if trainer.rank == 0:
+            if hasattr(model, "save_hypernet"):
+                model.save_hypernet(hdir)
+            else:
+                model.hypernet.save_pretrained(hdir)
+            _write_json_atomic(os.path.join(cfg.out_dir, "train_config.json"), cfg.to_dict())
+        return {
+            "steps": trainer.step,
+            "resumed_from": resumed,
+            "final_loss": history[-1]["loss"] if history else None,
+            "history": history,
+            "train_time_s": wall,
+            "examples": len(examples),
+            "world_size": trainer.world,
+            "checkpoint": ckpt,
+            "hypernet_dir": hdir,
+            "out_dir": cfg.out_dir,
+        }
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- CLI hooks
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``f2l train`` options (one per :class:`TrainConfig` field) to ``parser``."""
+    d = TrainConfig()
+    g = parser.add_argument_group("model")
+    g.add_argument("--base", default=d.base, help="base preset or SmolVLM2 checkpoint dir (default: %(default)s)")
+    g.add_argument("--hypernet", default=None, help="f2l hypernetwork dir to start from")
+    g.add_argument("--hypernet-preset", default=None, choices=("tiny", "frames2lora"),
+                   help="hypernetwork architecture for a fresh start")
+    g = parser.add_argument_group("data")
+    g.add_argument("--manifest", default=None, help="JSONL manifest (id, video_path, prompt, target_text, ...)")
+    g.add_argument("--data-root", default=None, help="root of relative video paths (default: the manifest's dir)")
+    g.add_argument("--split", default=d.split, help="manifest split to train on (default: %(default)s)")
+    g.add_argument("--synthetic", type=int, default=0, help="train on N synthetic videos instead of a manifest")
+    g.add_argument("--instruction", default=None, help="internalization instruction")
+    g.add_argument("--max-frames", type=int, default=None, help="frames per video (default: the base's)")
+    g.add_argument("--cache-encoded", action="store_true", help="keep encoded videos in memory")
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--steps", type=int, default=d.steps, help="single-adapter steps (default: %(default)s)")
+    g.add_argument("--compose-steps", type=int, default=d.compose_steps, help="composition steps after them")
+    g.add_argument("--max-segments", type=int, default=d.max_segments, help="segments per composed example")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--warmup-steps", type=int, default=None)
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    g.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm)
+    g.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of KL to the in-context teacher")
+    g.add_argument("--kl-temperature", type=float, default=d.kl_temperature)
+    g.add_argument("--precision", default=d.precision, choices=PRECISIONS)
+    g.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "cuda"),
+                   help="kernel backend (default: F2L_BACKEND or auto)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", dest="out_dir", default=d.out_dir, help="output dir (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=d.save_every)
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--resume", default=None, help="checkpoint dir, out dir, or 'auto'")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=None)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``f2l train`` arguments."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    return TrainConfig(**kw)
