@@ -445,11 +445,11 @@ def main(argv=None) -> dict:
             amortised += amortised_rows(row)
         if "serving" not in args.skip:
             for c in tqdm(concurrency, desc=f"{preset}: decode", leave=False):
-                got, status = _guard(lambda: decode_throughput(b, c, steps))
+                got, status = _guard(lambda b=b, c=c: decode_throughput(b, c, steps))
                 serving.append(got or {"model": b.base.name, "concurrency": c, "status": status})
         if "training" not in args.skip and (args.quick or preset == "smolvlm2-500m"):
             for backend in ("reference", "auto"):
-                got, status = _guard(lambda: training_step(b, args.train_frames, args.train_batch, backend,
+                got, status = _guard(lambda b=b, backend=backend: training_step(b, args.train_frames, args.train_batch, backend,
                                                            reps if args.quick else 10))
                 training.append(got or {"model": b.base.name, "backend": backend, "status": status})
         del b

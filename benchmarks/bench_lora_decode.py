@@ -171,7 +171,7 @@ def run(args) -> dict:
             err = (fn(L, 0).float() - want).abs().max().item()
             for how in ("eager", "graph"):
                 try:
-                    ms = time_fn(lambda: fn(L, 0), warmup=5, rep=rep) if how == "eager" else time_graph(fn, L, rep)
+                    ms = time_fn(lambda fn=fn, L=L: fn(L, 0), warmup=5, rep=rep) if how == "eager" else time_graph(fn, L, rep)
                 except Exception as e:  # a path that cannot be captured still gets its eager row
                     print(f"{name} {how} S={S} r={r} d={d}: {type(e).__name__}: {e}", file=sys.stderr)
                     ms = None

@@ -31,7 +31,6 @@ trained hypernetwork (``hypernet/``) and a printed table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time

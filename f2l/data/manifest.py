@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -199,15 +198,9 @@ def write_manifest(rows: Iterable[ManifestRow | dict], path: str | os.PathLike) 
         else:
             raise TypeError(f"rows[{i - 1}]: expected a ManifestRow or dict, got {type(row).__name__}")
         lines.append(json.dumps(d, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".jsonl", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + ("\n" if lines else ""))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from f2l.config import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return path
 
 
