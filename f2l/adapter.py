@@ -18,14 +18,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from f2l.config import atomic_save_safetensors, atomic_write_text
 
 __all__ = ["VideoAdapter", "FORMAT", "DEFAULT_LAYERS_PATH", "default_module_path"]
 
@@ -43,25 +43,6 @@ def _library_version() -> str:
         return __version__
     except Exception:  # the version string must never block saving an adapter
         return "unknown"
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    """Run ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def default_module_path(name: str) -> str:
@@ -251,9 +232,7 @@ class VideoAdapter:
         for m in self.lora_a:
             tensors[f"lora_a.{m}"] = self.lora_a[m].detach().to("cpu").contiguous()
             tensors[f"lora_b.{m}"] = self.lora_b[m].detach().to("cpu").contiguous()
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        _atomic_write(path, lambda p: save_file(tensors, p, metadata=header))
+        atomic_save_safetensors(tensors, path, metadata=header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, base_fingerprint: str | None = None, device=None,
@@ -450,7 +429,5 @@ class VideoAdapter:
         }
         os.makedirs(directory, exist_ok=True)
         meta = {"format": "pt", "f2l_source": self.source, "f2l_base_fingerprint": self.base_fingerprint}
-        _atomic_write(os.path.join(directory, "adapter_model.safetensors"),
-                      lambda p: save_file(tensors, p, metadata=meta))
-        _atomic_write(os.path.join(directory, "adapter_config.json"),
-                      lambda p: _write_text(p, json.dumps(config, indent=2)))
+        atomic_save_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata=meta)
+        atomic_write_text(os.path.join(directory, "adapter_config.json"), json.dumps(config, indent=2))

@@ -116,9 +116,9 @@ def export_peft(adapter, out_dir: str | os.PathLike, *, base=None, base_model_na
         "vllm": {"max_lora_rank": max_rank,
                  "note": "serve with --enable-lora --max-lora-rank >= rank; see docs/serving.md"},
     }
-    from f2l.adapter import _atomic_write, _write_text
+    from f2l.config import atomic_write_text
 
-    _atomic_write(str(out / EXPORT_INFO_NAME), lambda p: _write_text(p, json.dumps(info, indent=2) + "\n"))
+    atomic_write_text(out / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
     if max_rank is None:
         import warnings
 

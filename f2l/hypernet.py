@@ -71,10 +71,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from f2l.adapter import VideoAdapter, _atomic_write, _write_text
+from f2l.adapter import VideoAdapter
+from f2l.config import atomic_save_safetensors, atomic_write_text
 from f2l_kernels import perceiver_attention
 
 __all__ = [
@@ -666,9 +667,9 @@ class Frames2LoRAHypernet(nn.Module):
         os.makedirs(directory, exist_ok=True)
         cfg = {"format": _FORMAT, "version": __version__, "config": self.config.to_dict()}
         sd = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                      lambda p: save_file(sd, p, metadata={"format": _FORMAT, "version": __version__}))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: _write_text(p, json.dumps(cfg, indent=2)))
+        atomic_save_safetensors(sd, os.path.join(directory, WEIGHTS_NAME),
+                                metadata={"format": _FORMAT, "version": __version__})
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device=None, dtype=None) -> "Frames2LoRAHypernet":
