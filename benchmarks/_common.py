@@ -103,12 +103,20 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * a.numel() / (ms * 1e-3) / 1e9
 
 
-def write_results(name: str, rows: list[dict], env: dict | None = None) -> tuple[str, str]:
-    """Write ``results/<name>.json`` (env + rows) and ``results/<name>.csv`` atomically."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def sync() -> None:
+    """Wait for queued GPU work (no-op on CPU) so a timer brackets the work itself."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def write_results(name: str, rows: list[dict], env: dict | None = None, out_dir: str | None = None) -> tuple[str, str]:
+    """Write ``<out_dir>/<name>.json`` (env + rows) and ``.csv`` atomically
+    (``out_dir`` defaults to ``benchmarks/results``)."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
     env = env or bench_env()
-    jpath = os.path.join(RESULTS_DIR, f"{name}.json")
-    cpath = os.path.join(RESULTS_DIR, f"{name}.csv")
+    jpath = os.path.join(out_dir, f"{name}.json")
+    cpath = os.path.join(out_dir, f"{name}.csv")
     tmp = jpath + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1, default=str)

@@ -47,18 +47,13 @@ if HERE not in sys.path:
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-from _common import bench_env, plot_lines, time_fn, write_results  # noqa: E402
+from _common import RESULTS_DIR, bench_env, plot_lines, sync, time_fn, write_results  # noqa: E402
 
 QUESTION = "What happens in the video, and what colour is the car that appears first?"
 QUESTIONS_PER_VIDEO = (1, 2, 4, 8, 16, 32, 64)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _reset_peak():
@@ -110,7 +105,7 @@ class Bench:
         tc = self.base.model.config.text_config
         self.max_context = int(getattr(tc, "max_position_embeddings", 1 << 30))
         self.kv_bytes_per_token = (2 * self.base.num_layers * int(tc.num_key_value_heads)
-                                   * (int(tc.hidden_size) // int(tc.num_attention_heads)) * _dtype_bytes(dtype))
+                                   * (int(tc.hidden_size) // int(tc.num_attention_heads)) * dtype.itemsize)
         tok = self.base.tokenizer
         from f2l.prompt import question_prompt
 
@@ -189,10 +184,6 @@ def _truncate_cache(cache, n: int) -> None:
         layer.values = layer.values[..., :n, :]
 
 
-def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 # ----------------------------------------------------------------------------- sweeps
 
 
@@ -231,7 +222,7 @@ def sweep_questions(b: Bench, frames: int, res: int) -> dict:
     if status == "ok":
         tensors = run_int()
         row["adapter_bytes_per_video"] = sum(
-            t[:, 0].numel() * _dtype_bytes(b.dtype) for d in (tensors.lora_a, tensors.lora_b) for t in d.values())
+            t[:, 0].numel() * b.dtype.itemsize for d in (tensors.lora_a, tensors.lora_b) for t in d.values())
         _reset_peak()
         row["ttft_adapter_ms"] = b.time(b.with_adapter(tensors))
         row["adapter_peak_gib"] = _peak_gib()
@@ -291,13 +282,13 @@ def decode_throughput(b: Bench, concurrency: int, steps: int) -> dict:
             pos = torch.arange(T0, device=b.device)[None].expand(concurrency, -1)
             tok = base.lm_head(tm(input_ids=ids, position_ids=pos, past_key_values=cache,
                                   use_cache=True).last_hidden_state[:, -1]).argmax(-1)
-            _sync()
+            sync()
             t0 = time.perf_counter()
             for s in range(steps):
                 p = torch.full((concurrency, 1), T0 + s, device=b.device)
                 tok = base.lm_head(tm(input_ids=tok[:, None], position_ids=p, past_key_values=cache,
                                       use_cache=True).last_hidden_state[:, -1]).argmax(-1)
-            _sync()
+            sync()
             return time.perf_counter() - t0
 
     run(True)  # warm-up (compiles kernels)
@@ -422,10 +413,7 @@ def main(argv=None) -> dict:
         name = args.name or "end_to_end"
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    if args.out:
-        import _common
-
-        _common.RESULTS_DIR = os.path.abspath(args.out)
+    out_dir = os.path.abspath(args.out) if args.out else RESULTS_DIR
     from tqdm.auto import tqdm
 
     rows, amortised, serving, training = [], [], [], []
@@ -462,10 +450,7 @@ def main(argv=None) -> dict:
     env = bench_env()
     all_rows = ([{"kind": "question", **r} for r in rows] + [{"kind": "amortised", **r} for r in amortised]
                 + [{"kind": "serving", **r} for r in serving] + [{"kind": "training", **r} for r in training])
-    jpath, cpath = write_results(name, all_rows, env)
-    import _common
-
-    out_dir = _common.RESULTS_DIR
+    jpath, cpath = write_results(name, all_rows, env, out_dir=out_dir)
     frows = [r for r in rows if r["sweep"] == "frames"]
     plots = []
     if frows:

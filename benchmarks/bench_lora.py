@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import sync  # noqa: E402
 from benchmarks.sweep_lora import Case, impls  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -29,15 +30,10 @@ DECODE = [1, 16, 64, 256] if CUDA else [4]
 IMPLS = ["base", "f2l", "einsum", "unfused", "per_token"]
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def _run(benchmark, fn):
     def call():
         fn()
-        _sync()
+        sync()
 
     call()  # compile / autotune outside the timed region
     benchmark(call)

@@ -21,16 +21,11 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import sweep_perceiver as sp  # noqa: E402  (sets TRITON_INTERPRET on CPU-only machines)
-from _common import peaks  # noqa: E402
+from _common import peaks, sync  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 FRAMES = (12, 64, 256, 1024)
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def _run(benchmark, backend, shape, lens, dtype, device, *, backward):
@@ -42,12 +37,12 @@ def _run(benchmark, backend, shape, lens, dtype, device, *, backward):
 
         def step():
             torch.autograd.grad(out, leaves, g, retain_graph=True)
-            _sync()
+            sync()
     else:
         def step():
             with torch.no_grad():
                 fn()
-            _sync()
+            sync()
     step()
     benchmark.pedantic(step, rounds=20 if HAS_CUDA else 3, iterations=1, warmup_rounds=2 if HAS_CUDA else 0)
     nbytes = sp.floor_bytes(shape, lens, torch.tensor([], dtype=dtype).element_size())
