@@ -108,13 +108,8 @@ def _row_rsqrt(b_x, eps, DC: tl.constexpr):
     return tl.rsqrt(tl.sum(b_xf * b_xf, axis=1) / DC + eps)         # [BN]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["HM", "DC"])
 @triton.jit
-def _ctx_attn_fwd_kernel(
-    QT, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PM, PL, PACC, A, LSE, eps,
-    HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):
+def _query_block_work(WORK_SEQ, WORK_START, WORK_END, HM: tl.constexpr, BLOCK_Q: tl.constexpr):
     # One flat axis (CUDA caps axis 1 at 65535), query block fastest: the programs that
     # share a work item run back to back, so its rows come from HBM once, then from L2.
     NQ: tl.constexpr = (HM + BLOCK_Q - 1) // BLOCK_Q
@@ -125,6 +120,17 @@ def _ctx_attn_fwd_kernel(
     start = tl.load(WORK_START + i_w)
     end = tl.load(WORK_END + i_w)
     o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    return i_w, seq, start, end, o_q
+
+
+@triton.autotune(configs=_fwd_configs(), key=["HM", "DC"])
+@triton.jit
+def _ctx_attn_fwd_kernel(
+    QT, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PM, PL, PACC, A, LSE, eps,
+    HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_w, seq, start, end, o_q = _query_block_work(WORK_SEQ, WORK_START, WORK_END, HM, BLOCK_Q)
     o_d = tl.arange(0, BLOCK_D)
     m_q = o_q < HM
     m_d = o_d < DC
@@ -213,16 +219,7 @@ def _ctx_attn_bwd_dq_kernel(
     HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # One flat axis (CUDA caps axis 1 at 65535), query block fastest: the programs that
-    # share a work item run back to back, so its rows come from HBM once, then from L2.
-    NQ: tl.constexpr = (HM + BLOCK_Q - 1) // BLOCK_Q
-    pid = tl.program_id(0)
-    i_w = pid // NQ
-    i_q = pid % NQ
-    seq = tl.load(WORK_SEQ + i_w).to(tl.int64)
-    start = tl.load(WORK_START + i_w)
-    end = tl.load(WORK_END + i_w)
-    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    i_w, seq, start, end, o_q = _query_block_work(WORK_SEQ, WORK_START, WORK_END, HM, BLOCK_Q)
     o_d = tl.arange(0, BLOCK_D)
     m_q = o_q < HM
     m_d = o_d < DC
