@@ -5,6 +5,9 @@ frame geometry the video pipeline needs. ``name`` is
 
 * ``"tiny"`` -- a SmolVLM2-architecture model small enough for CPU tests and the demo
   (seeded random weights, the in-code tokenizer of :mod:`f2l.tokenizer`);
+* ``"tiny-serve"`` -- the same, with attention heads of width 32 in the text model and
+  the vision tower: serving engines' CPU attention kernels (vLLM's among them) need
+  ``head_dim >= 32``, which ``tiny``'s 16 is not; use it for serving tests and examples;
 * ``"smolvlm2-256m"``, ``"smolvlm2-500m"``, ``"smolvlm2-2.2b"`` -- the real
   architectures (JSON configs shipped in ``f2l/configs/``) with seeded random weights;
   pass ``device="meta"`` to inspect one without allocating it;
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-PRESETS = ("tiny", "smolvlm2-256m", "smolvlm2-500m", "smolvlm2-2.2b")
+PRESETS = ("tiny", "tiny-serve", "smolvlm2-256m", "smolvlm2-500m", "smolvlm2-2.2b")
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
@@ -55,6 +58,11 @@ TINY_VISION = dict(
     num_channels=3,
 )
 TINY_SCALE_FACTOR = 2
+# tiny-serve: the same sizes with 32-wide heads (2 query heads / 1 KV head of the text
+# model, 2 heads over a 64-wide vision tower)
+TINY_SERVE_TEXT = dict(TINY_TEXT, num_attention_heads=2, num_key_value_heads=1)
+TINY_SERVE_VISION = dict(TINY_VISION, hidden_size=64, intermediate_size=128, num_attention_heads=2)
+_TINY = {"tiny": (TINY_TEXT, TINY_VISION), "tiny-serve": (TINY_SERVE_TEXT, TINY_SERVE_VISION)}
 TINY_PROCESSOR = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], max_frames=8, fps=1.0)
 TINY_SEED = 20240611
 
@@ -193,14 +201,15 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _tiny_config(tokenizer):
+def _tiny_config(tokenizer, name: str = "tiny"):
     from transformers import SmolVLMConfig
 
     from f2l.tokenizer import IMAGE_TOKEN
 
-    text = dict(TINY_TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+    text_spec, vision_spec = _TINY[name]
+    text = dict(text_spec, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return SmolVLMConfig(text_config=text, vision_config=dict(TINY_VISION), scale_factor=TINY_SCALE_FACTOR,
+    return SmolVLMConfig(text_config=text, vision_config=dict(vision_spec), scale_factor=TINY_SCALE_FACTOR,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=False)
 
 
@@ -210,9 +219,9 @@ def preset_config(name: str):
 
     from f2l.tokenizer import build_tokenizer
 
-    if name == "tiny":
+    if name in _TINY:
         tok = build_tokenizer()
-        cfg = _tiny_config(tok)
+        cfg = _tiny_config(tok, name)
         proc = dict(TINY_PROCESSOR, image_size=TINY_VISION["image_size"], tokens_per_frame=tokens_per_frame(cfg))
         return cfg, proc
     if name not in PRESETS:
@@ -232,8 +241,9 @@ def _build_random(name: str, device: torch.device, dtype) -> BaseVLM:
     from f2l.tokenizer import IMAGE_TOKEN, build_tokenizer
 
     cfg, proc = preset_config(name)
-    tok = build_tokenizer()
-    if name != "tiny":
+    # real architectures: the stand-in covers the whole embedding, so every id decodes
+    tok = build_tokenizer(None if name in _TINY else int(cfg.text_config.vocab_size))
+    if name not in _TINY:
         # Random weights come without the real tokenizer: the in-code one stands in, so the
         # image placeholder is its <image> id (ids stay inside the real 49280 vocabulary).
         cfg.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -8,6 +8,15 @@ model over whole words (one token each) and single characters: the Viterbi
 segmentation prefers a known word, and an unknown word falls back to characters.
 Whitespace is kept with a metaspace marker, so ``decode(encode(text)) == text`` for
 ASCII input (other characters map to the unknown token).
+
+Two things make a saved stand-in tokenizer usable by serving engines:
+
+* it carries SmolVLM2's chat template (:data:`CHAT_TEMPLATE`), so ``apply_chat_template``
+  and OpenAI-style chat endpoints render the same turns :mod:`f2l.prompt` builds;
+* ``build_tokenizer(vocab_size=V)`` fills the vocabulary up to ``V`` entries with reserved
+  pieces ``<|reserved_ID|>``, so every id a model with a ``V``-entry embedding can emit
+  decodes to some text (the random-weight real-architecture presets have ``V = 49280``).
+  Reserved pieces never win a segmentation of ordinary text; they only make ids decodable.
 """
 from __future__ import annotations
 
@@ -62,9 +71,37 @@ _DEMO_WORDS = (
 )
 _WORDS = tuple(dict.fromkeys((_NUMBER_WORDS + " " + _TEMPLATE_WORDS + " " + _DEMO_WORDS).split()))
 
-# Unigram log-probabilities: any word beats its own spelling in characters.
+# Unigram log-probabilities: any word beats its own spelling in characters, and a
+# reserved filler piece loses to everything.
 _WORD_SCORE = -3.0
 _CHAR_SCORE = -9.0
+_RESERVED_SCORE = -1000.0
+_RESERVED = "<|reserved_{}|>"
+
+# SmolVLM2's chat template: one <|im_start|> opens the conversation; each turn is the
+# capitalised role, ":" (directly followed by an image/video part) or ": ", its parts, and
+# "<end_of_utterance>\n"; the generation prompt is "Assistant:". Content may be a plain
+# string or a list of {"type": "text"|"image"|"video"} parts (OpenAI-style requests).
+CHAT_TEMPLATE = (
+    "<|im_start|>"
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if content is string -%}"
+    "{{- message['role'] | capitalize }}: {{ content -}}"
+    "{%- else -%}"
+    "{{- message['role'] | capitalize -}}"
+    "{%- if content and content[0]['type'] in ('image', 'video') -%}{{- ':' -}}{%- else -%}{{- ': ' -}}{%- endif -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<video>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<end_of_utterance>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
 
 
 def _word_pieces() -> list[str]:
@@ -81,14 +118,19 @@ def _char_pieces() -> list[str]:
     return [_SPACE] + list(chars)
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+@lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int | None = None) -> str:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = [(tok, 0.0) for tok in SPECIAL_TOKENS]
     vocab += [(c, _CHAR_SCORE) for c in _char_pieces()]
     seen = {t for t, _ in vocab}
     vocab += [(w, _WORD_SCORE) for w in _word_pieces() if w not in seen]
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size: expected at least {len(vocab)} (the stand-in's own entries), "
+                             f"got {vocab_size}")
+        vocab += [(_RESERVED.format(i), _RESERVED_SCORE) for i in range(len(vocab), vocab_size)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
     # split=True cuts at every metaspace, so one word never swallows the next one.
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never", split=True)
@@ -97,8 +139,11 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def build_tokenizer():
-    """The tiny tokenizer as a ``PreTrainedTokenizerFast``.
+def build_tokenizer(vocab_size: int | None = None):
+    """The tiny tokenizer as a ``PreTrainedTokenizerFast``, with SmolVLM2's chat template.
+
+    ``vocab_size`` (e.g. a real architecture's 49280) pads the vocabulary with reserved
+    pieces so that every id below it decodes; ``None`` keeps the stand-in's own size.
 
     Special-token ids are fixed: ``<|endoftext|>`` 0 (unk), ``<|im_start|>`` 1 (bos),
     ``<|im_end|>`` 2 (pad), ``<end_of_utterance>`` 3 (eos), ``<fake_token_around_image>``
@@ -113,7 +158,7 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         unk_token=UNK_TOKEN,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -122,6 +167,7 @@ def build_tokenizer():
         model_max_length=1 << 20,
     )
     fast.add_special_tokens({"additional_special_tokens": [FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN]})
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 

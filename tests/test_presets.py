@@ -223,4 +223,4 @@ def test_f2l_config_bad_files(tmp_path):
 
 
 def test_presets_listed():
-    assert PRESETS == ("tiny", "smolvlm2-256m", "smolvlm2-500m", "smolvlm2-2.2b")
+    assert PRESETS == ("tiny", "tiny-serve", "smolvlm2-256m", "smolvlm2-500m", "smolvlm2-2.2b")
