@@ -200,13 +200,18 @@ class Frames2LoRA(nn.Module):
                              DEFAULT_INSTRUCTION, chunk_videos=self.config.chunk_videos,
                              chunk_frames=self.config.chunk_frames)
 
-    def adapter_tensors(self, encoded: EncodedVideos, *, backend: str | None = None):
-        """The hypernetwork on encoded videos: differentiable :class:`AdapterTensors`."""
+    def adapter_tensors(self, encoded: EncodedVideos, *, backend: str | None = None, module=None):
+        """The hypernetwork on encoded videos: differentiable :class:`AdapterTensors`.
+
+        module: what to call instead of ``self.hypernet`` -- a wrapper of it, such as the
+        ``DistributedDataParallel`` module the trainer runs under ``torchrun``.
+        """
         if not isinstance(encoded, EncodedVideos):
             raise TypeError(f"encoded: expected EncodedVideos, got {type(encoded).__name__}")
         p = next(self.hypernet.parameters())
         states = encoded.states.to(device=p.device, dtype=p.dtype)
-        return self.hypernet(states, encoded.cu_seqlens.to(p.device), backend=backend)
+        net = self.hypernet if module is None else module
+        return net(states, encoded.cu_seqlens.to(p.device), backend=backend)
 
     @torch.no_grad()
     def internalize(self, videos, instruction: str | None = None, *, batch_size: int = 8) -> list:

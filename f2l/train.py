@@ -680,35 +680,23 @@ def _maybe_init_distributed(device: torch.device | None) -> bool:
     return True
 
 
-@torch.no_grad()
-def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks, one flat buffer per dtype (one collective each)."""
-    dist = _dist()
-    if dist is None or world == 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)  # every rank must contribute the same buffer layout
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for ps in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
-        dist.all_reduce(flat)
-        flat /= world
-        off = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p.grad))
-            off += n
+def _wrap_ddp(module: torch.nn.Module, device: torch.device):
+    """``module`` under :class:`torch.nn.parallel.DistributedDataParallel` when a process
+    group of more than one rank is up, else ``module`` itself.
 
-
-@torch.no_grad()
-def _broadcast_params(module: torch.nn.Module) -> None:
+    DDP broadcasts rank 0's parameters and buffers at construction (every rank starts
+    from the same weights whatever its seed), all-reduces gradients in buckets that
+    overlap with the backward, and averages them over ranks. Only the hypernetwork is
+    wrapped: the frozen base has no gradients and stays outside.
+    """
     dist = _dist()
-    if dist is None:
-        return
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=0)
+    if dist is None or dist.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else None
+    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -768,7 +756,8 @@ class Trainer:
         self.device = model.base.device
         self.hypernet = model.hypernet
         self.hypernet.train()
-        _broadcast_params(self.hypernet)
+        # the module the forward runs through: DDP under torchrun, the hypernet itself otherwise
+        self.net = _wrap_ddp(self.hypernet, self.device)
         self.params = [p for p in self.hypernet.parameters() if p.requires_grad]
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.hypernet, cfg.weight_decay), lr=cfg.lr,
@@ -833,7 +822,7 @@ class Trainer:
         input_ids, attn, labels = self.model.question_ids([ex.prompt for ex in examples],
                                                           [ex.target for ex in examples])
         with self.autocast(), self._lora_backend():
-            adapters = self.model.adapter_tensors(enc, backend=self.cfg.backend)
+            adapters = self.model.adapter_tensors(enc, backend=self.cfg.backend, module=self.net)
             logits = self.model.lm_forward(input_ids, attn, adapters, adapter_ids)
         ce, n_tok = answer_loss(logits, labels)
         loss = ce
@@ -887,13 +876,16 @@ class Trainer:
         cfg = self.cfg
         stage, _ = self.stage_at(self.step)
         total_loss, stats_sum = 0.0, {}
-        for mb in self.micro_batches(self.step):
-            loss, stats = self.forward(mb)
-            (loss / cfg.grad_accum).backward()
+        mbs = self.micro_batches(self.step)
+        for i, mb in enumerate(mbs):
+            # gradients are all-reduced once per step: DDP skips it on all but the last micro-batch
+            sync = i == len(mbs) - 1 or not hasattr(self.net, "no_sync")
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                loss, stats = self.forward(mb)
+                (loss / cfg.grad_accum).backward()
             total_loss += float(loss.detach()) / cfg.grad_accum
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + (v / cfg.grad_accum if k != "answer_tokens" else v)
-        _allreduce_grads(self.params, self.world)
         if cfg.clip_grad_norm > 0:
             gn = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
         else:
