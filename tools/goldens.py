@@ -8,7 +8,7 @@ re-description of it -- on fixed synthetic frames and prompts, and writes what i
 
 * ``tests/goldens/pixels.safetensors``: for single frames of awkward sizes and both tower
   squares (512: 256M/500M, 384: 2.2B), the processor's ``pixel_values`` (SHA-256 of the whole
-  float32 array, a 16-pixel grid of values, the intermediate size);
+  float32 array, a 24-pixel grid of values, the intermediate size);
 * ``tests/goldens/videos.safetensors``: whole synthetic videos through
   ``apply_chat_template`` (frame sampling, timestamps, prompt ids, pixel hashes);
 * ``tests/goldens/labels.safetensors``: ``build_labels``-style ids and labels of
@@ -54,7 +54,7 @@ TRANSFORMERS_VERSION = "4.51.3"
 LONGEST_EDGE = 384  # the authors' --video-size-longest-edge for every model size
 # Tower square -> (image tokens per frame, processor "size" of the checkpoint's config).
 TOWERS = {512: (64, 2048), 384: (81, 1536)}
-GRID = 16  # pixel-value grid stride stored for diagnosis next to the full-array hash
+GRID = 24  # pixel-value grid stride stored for diagnosis next to the full-array hash
 
 # (name, height, width, seed): odd sizes, both orientations, square, at and below the edge,
 # above it, and sizes whose short side hits the processor's round-up-to-even rule.
@@ -278,7 +278,7 @@ def make_videos() -> None:
                 del processor.process_vision
                 rendered = rendered[0]
                 pv = out["pixel_values"][0]
-                ids = out["input_ids"][0].astype(np.int64)
+                ids = out["input_ids"][0].astype(np.int32)
                 if not out["attention_mask"].all():
                     raise RuntimeError(f"{key}: padding in a batch of one")
                 frames = store[key][0]
