@@ -196,7 +196,8 @@ def test_question_ids_layout(model):
     ids, mask, labels = model.question_ids(["Why?", "What colour is it?"], ["Because.", "Red."])
     for i, ans in enumerate(["Because.", "Red."]):
         kept = labels[i][labels[i] != -100].tolist()
-        assert tok.decode(kept) == " " + ans + "<end_of_utterance>"
+        # Labels run through <end_of_utterance> and the newline the chat template puts after it.
+        assert tok.decode(kept) == " " + ans + "<end_of_utterance>\n"
         assert tok.decode(ids[i][mask[i].bool()].tolist()).startswith("<|im_start|>User: ")
     assert mask[0, -1] == 0 or mask[1, -1] == 0  # right padding
     lids, lmask, _ = model.question_ids(["Why?", "What colour is it?"], padding_side="left")
