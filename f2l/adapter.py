@@ -278,7 +278,7 @@ class VideoAdapter:
 
     @classmethod
     def compose(cls, adapters: Sequence["VideoAdapter"], weights: Sequence[float] | None = None, *,
-                share_bias: bool = True) -> "VideoAdapter":
+                share_bias: bool = True, bias_scaler: float | None = None) -> "VideoAdapter":
         """Rank-space concatenation: the composed delta is ``Σ_i w_i · delta_i``.
 
         Part i's context ranks are concatenated in order with its A multiplied by
@@ -287,6 +287,13 @@ class VideoAdapter:
         hypernetwork: with ``share_bias`` they are kept once, unweighted, at the end (the
         official chunk composition); parts whose bias ranks differ are an error then. With
         ``share_bias=False`` every part's full ranks (bias included) are concatenated and weighted.
+
+        ``bias_scaler`` (default ``None`` = 1) is the authors' ``combine_lora(...,
+        bias_scaler=s)``: the bias ranks' A *and* B are both multiplied by ``s``, so the
+        context-free part of the delta scales by ``s**2`` (``s = 0`` drops it, ``s = -1``
+        keeps it). It applies to every part's bias ranks with ``share_bias=False``, works on a
+        single adapter (``compose([a], bias_scaler=s)``), has no effect on adapters without
+        bias ranks, and is recorded in the metadata.
         """
         if isinstance(adapters, VideoAdapter) or not isinstance(adapters, (list, tuple)) or not adapters:
             raise TypeError(f"adapters: expected a non-empty list of VideoAdapter, got {type(adapters).__name__}")
@@ -301,6 +308,11 @@ class VideoAdapter:
         for i, w in enumerate(weights):
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
                 raise ValueError(f"weights[{i}]: expected a finite float, got {w!r}")
+        if bias_scaler is None:
+            bias_scaler = 1.0
+        if not isinstance(bias_scaler, (int, float)) or isinstance(bias_scaler, bool) or not math.isfinite(bias_scaler):
+            raise ValueError(f"bias_scaler: expected None or a finite float, got {bias_scaler!r}")
+        bias_scaler = float(bias_scaler)
         ref = adapters[0]
         fps = {a.base_fingerprint for a in adapters if a.base_fingerprint}
         if len(fps) > 1:
@@ -329,16 +341,23 @@ class VideoAdapter:
         scale = ref.scale
         lora_a, lora_b = {}, {}
         segments: list[int] = []
+        s = bias_scaler
         for m in ref.lora_a:
             a_parts, b_parts = [], []
             for a, w in zip(parts, weights):
                 keep = a.rank - a.bias_rank if dedupe else a.rank
                 f = float(w) * a.scale / scale
-                a_parts.append(a.lora_a[m][:, :keep] * f if f != 1.0 else a.lora_a[m][:, :keep])
-                b_parts.append(a.lora_b[m][:, :, :keep])
+                pa, pb = a.lora_a[m][:, :keep], a.lora_b[m][:, :, :keep]
+                if not dedupe and a.bias_rank and s != 1.0:
+                    rc = a.rank - a.bias_rank  # this part's own bias ranks, scaled on both factors
+                    pa = torch.cat([pa[:, :rc], pa[:, rc:] * s], dim=1)
+                    pb = torch.cat([pb[:, :, :rc], pb[:, :, rc:] * s], dim=2)
+                a_parts.append(pa * f if f != 1.0 else pa)
+                b_parts.append(pb)
             if dedupe:
-                a_parts.append(parts[0].lora_a[m][:, -ref.bias_rank:])
-                b_parts.append(parts[0].lora_b[m][:, :, -ref.bias_rank:])
+                ba, bb = parts[0].lora_a[m][:, -ref.bias_rank:], parts[0].lora_b[m][:, :, -ref.bias_rank:]
+                a_parts.append(ba * s if s != 1.0 else ba)
+                b_parts.append(bb * s if s != 1.0 else bb)
             lora_a[m] = torch.cat(a_parts, dim=1)
             lora_b[m] = torch.cat(b_parts, dim=2)
         for a in parts:
@@ -348,7 +367,7 @@ class VideoAdapter:
             num_frames=sum(a.num_frames for a in parts),
             source=" + ".join(a.source or "?" for a in parts),
             metadata={"composed_from": [a.source for a in parts], "weights": [float(w) for w in weights],
-                      "share_bias": bool(dedupe)},
+                      "share_bias": bool(dedupe), "bias_scaler": bias_scaler},
             segments=segments, bias_rank=ref.bias_rank if dedupe else 0,
         )
 

@@ -405,6 +405,9 @@ def _compose_args(p: argparse.ArgumentParser) -> None:
                    help="one weight per adapter (multiplies its delta; default: 1 each)")
     p.add_argument("--no-share-bias", action="store_true",
                    help="concatenate every part's bias-LoRA ranks too (default: kept once)")
+    p.add_argument("--bias-scaler", type=_finite, default=None, metavar="S",
+                   help="multiply the bias-LoRA ranks' A and B by S (their delta by S^2), as the authors' "
+                        "combine_lora bias_scaler; default 1")
 
 
 def _compose_run(args) -> int:
@@ -416,7 +419,8 @@ def _compose_run(args) -> int:
     if os.path.isdir(args.output):
         raise CommandError(f"-o/--output {args.output!r} is a directory; expected a file path")
     parts = [VideoAdapter.load(_need_file(a, "adapter")) for a in args.adapters]
-    out = VideoAdapter.compose(parts, weights=args.weights, share_bias=not args.no_share_bias)
+    out = VideoAdapter.compose(parts, weights=args.weights, share_bias=not args.no_share_bias,
+                               bias_scaler=args.bias_scaler)
     out.save(args.output)
     print(f"{args.output}  (rank {out.rank} = segments {out.segments} + bias {out.bias_rank})")
     return EXIT_OK

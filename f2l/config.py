@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_INSTRUCTION = "Internalize this video for later captioning."
+DEFAULT_LONGEST_EDGE = 384  # frames' intermediate longest edge, the authors' setting (f2l.video uses it)
 CONFIG_VERSION = 1
 
 
@@ -52,6 +53,10 @@ class F2LConfig:
     hypernet: ``HypernetConfig`` of the hypernetwork (None until a model is built).
     target_modules: decoder-layer linears that receive the predicted LoRA.
     max_frames / fps: frame sampling (SmolVLM2's rule: ``min(round(fps·duration), max_frames)``).
+    longest_edge: the SmolVLM processor's intermediate resize of every frame (PIL Lanczos to
+      this longest edge, aspect kept, before the tower's square); the authors' 384 for every
+      model size (``processor.video_size = {"longest_edge": 384}``), capped at the tower's square.
+      Recorded in every adapter's metadata. See ``docs/preprocessing.md``.
     instruction: the text after the frames in the encoding prompt.
     base_fingerprint: :func:`f2l.presets.fingerprint` of the base the hypernet was trained on.
     chunk_videos / chunk_frames: memory bounds of the frozen encoding pass.
@@ -62,6 +67,7 @@ class F2LConfig:
     target_modules: tuple[str, ...] = ("down_proj",)
     max_frames: int = 12
     fps: float = 1.0
+    longest_edge: int = DEFAULT_LONGEST_EDGE
     instruction: str = DEFAULT_INSTRUCTION
     base_fingerprint: str = ""
     chunk_videos: int | None = None
@@ -84,6 +90,9 @@ class F2LConfig:
         if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
             raise ValueError(f"fps: expected a number > 0, got {self.fps!r}")
         self.fps = float(self.fps)
+        if isinstance(self.longest_edge, bool) or not isinstance(self.longest_edge, int) or self.longest_edge < 1:
+            raise ValueError(f"longest_edge: expected an int >= 1 (the frames' intermediate longest edge), "
+                             f"got {self.longest_edge!r}")
         if not isinstance(self.instruction, str):
             raise TypeError(f"instruction: expected a str, got {type(self.instruction).__name__}")
         if self.chunk_videos is not None and (not isinstance(self.chunk_videos, int) or self.chunk_videos < 1):

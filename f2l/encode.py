@@ -94,9 +94,14 @@ def image_features(base, pixel_values: torch.Tensor, *, chunk_frames: int = 64) 
     return torch.cat(out)
 
 
-def prompt_ids(base, video: Video, text: str) -> torch.Tensor:
-    """Token ids ``[T]`` of the SmolVLM2 prompt of ``video`` followed by ``text``."""
-    prompt = video_prompt(video.timestamps, video.duration, base.tokens_per_frame, text)
+def prompt_ids(base, video: Video, text: str, *, add_generation_prompt: bool = True) -> torch.Tensor:
+    """Token ids ``[T]`` of the SmolVLM2 prompt of ``video`` followed by ``text``.
+
+    ``add_generation_prompt=True`` (a question the model answers in context) ends the turn
+    with ``<end_of_utterance>\\nAssistant:``; the encoding prompt the hypernetwork reads is
+    ``add_generation_prompt=False`` (``<end_of_utterance>\\n``), as the authors encode."""
+    prompt = video_prompt(video.timestamps, video.duration, base.tokens_per_frame, text,
+                          add_generation_prompt=add_generation_prompt)
     ids = base.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n_img = int((ids == base.image_token_id).sum())
     want = video.num_frames * base.tokens_per_frame
@@ -144,17 +149,19 @@ def _groups(lengths: list[int], chunk_videos: int | None, max_batch_tokens: int)
 def encode_videos(base, videos: Sequence, instruction: str | Sequence[str] | None = None, *,
                   chunk_videos: int | None = None, chunk_frames: int = 64,
                   max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_frames: int | None = None,
-                  fps: float | None = None, progress: bool | None = None) -> EncodedVideos:
+                  fps: float | None = None, progress: bool | None = None,
+                  longest_edge: int | None = None) -> EncodedVideos:
     """Encode videos with the frozen base into packed stacked layer states.
 
     videos: :class:`f2l.video.Video` objects or anything :func:`f2l.video.load_video`
       takes (loaded at the base's image size, ``max_frames``/``fps`` defaulting to the
-      base's processor settings).
+      base's processor settings; ``longest_edge`` defaults to the authors' 384).
     instruction: text after the frames (one for all, or one per video); default
-      :data:`f2l.config.DEFAULT_INSTRUCTION`.
+      :data:`f2l.config.DEFAULT_INSTRUCTION`. The prompt closes the user turn with
+      ``<end_of_utterance>\\n`` and has no ``Assistant:`` (``add_generation_prompt=False``).
     """
     from f2l.config import DEFAULT_INSTRUCTION
-    from f2l.video import load_video
+    from f2l.video import DEFAULT_LONGEST_EDGE, load_video
 
     if isinstance(videos, (str, Video)) or not isinstance(videos, Sequence):
         raise TypeError(f"videos: expected a list of videos, got {type(videos).__name__}")
@@ -178,10 +185,11 @@ def encode_videos(base, videos: Sequence, instruction: str | Sequence[str] | Non
 
     loaded = [
         load_video(v, image_size=base.image_size, max_frames=max_frames or base.max_frames, fps=fps or base.fps,
-                   mean=base.image_mean, std=base.image_std)
+                   mean=base.image_mean, std=base.image_std,
+                   longest_edge=DEFAULT_LONGEST_EDGE if longest_edge is None else longest_edge)
         for v in videos
     ]
-    ids = [prompt_ids(base, v, t) for v, t in zip(loaded, texts)]
+    ids = [prompt_ids(base, v, t, add_generation_prompt=False) for v, t in zip(loaded, texts)]
     lengths = [int(x.numel()) for x in ids]
     L, H = base.num_layers, base.hidden_size
     dev, dt = base.device, base.text_model.embed_tokens.weight.dtype

@@ -298,7 +298,8 @@ class AdapterTensors:
     def num_layers(self) -> int:
         return next(iter(self.lora_a.values())).shape[0]
 
-    def with_shared_bias(self, adapter_ids: Sequence) -> tuple[dict, dict, list, list[int] | None]:
+    def with_shared_bias(self, adapter_ids: Sequence, *, bias_scaler: float | None = None
+                         ) -> tuple[dict, dict, list, list[int] | None]:
         """Pool layout in which the context-free bias ranks are one extra pool entry.
 
         Composing videos through ``LoraBatch`` lists (``adapter_ids[i] = [b1, b2]``) with the
@@ -306,10 +307,17 @@ class AdapterTensors:
         composition applies them once. Returns ``(lora_a, lora_b, adapter_ids, ranks)`` for
         ``F2LPatch.use``: entry ``b < B`` holds video b's context ranks, entry ``B`` the bias
         ranks, and every sequence that uses any video also lists entry ``B`` (weight 1).
-        Without bias ranks the inputs come back unchanged (``ranks=None``). Differentiable.
+        ``bias_scaler`` (``None`` = 1) multiplies that entry's A and B, as the authors'
+        ``combine_lora(..., bias_scaler=s)`` does (the bias delta scales by ``s**2``; the same
+        factors as :meth:`VideoAdapter.compose` with ``bias_scaler``). Without bias ranks the
+        inputs come back unchanged (``ranks=None``). Differentiable.
         """
         if isinstance(adapter_ids, (str, bytes)) or not isinstance(adapter_ids, (list, tuple)):
             raise TypeError(f"adapter_ids: expected a list (one entry per sequence), got {type(adapter_ids).__name__}")
+        if bias_scaler is None:
+            bias_scaler = 1.0
+        if isinstance(bias_scaler, bool) or not isinstance(bias_scaler, (int, float)) or not math.isfinite(bias_scaler):
+            raise ValueError(f"bias_scaler: expected None or a finite float, got {bias_scaler!r}")
         if not self.bias_rank:
             return self.lora_a, self.lora_b, list(adapter_ids), None
         B, rb = self.num_videos, self.bias_rank
@@ -322,6 +330,8 @@ class AdapterTensors:
             ctx_b = F.pad(b[:, :, :, :rc], (0, r_max - rc))
             bias_a = F.pad(a[:, :1, rc:], (0, 0, 0, r_max - rb))
             bias_b = F.pad(b[:, :1, :, rc:], (0, r_max - rb))
+            if bias_scaler != 1.0:
+                bias_a, bias_b = bias_a * bias_scaler, bias_b * bias_scaler
             la[m] = torch.cat([ctx_a, bias_a], dim=1)
             lb[m] = torch.cat([ctx_b, bias_b], dim=1)
         ids = []

@@ -189,7 +189,7 @@ class Frames2LoRA(nn.Module):
 
         b = self.base
         return [load_video(v, image_size=b.image_size, max_frames=self.config.max_frames, fps=self.config.fps,
-                           mean=b.image_mean, std=b.image_std) for v in videos]
+                           mean=b.image_mean, std=b.image_std, longest_edge=self.config.longest_edge) for v in videos]
 
     def encode(self, videos, instruction: str | None = None) -> EncodedVideos:
         """Frozen, no-grad encoding of videos into packed stacked layer states."""
@@ -228,7 +228,9 @@ class Frames2LoRA(nn.Module):
             out += self.hypernet.to_adapters(
                 tensors, base_fingerprint=self.base.fingerprint, num_frames=list(enc.num_frames),
                 source=[str(x) for x in enc.sources],
-                metadata={"instruction": instruction or self.config.instruction, "base": self.base.name})
+                metadata={"instruction": instruction or self.config.instruction, "base": self.base.name,
+                          "longest_edge": min(self.config.longest_edge, self.base.image_size),
+                          "image_size": self.base.image_size})
         return out
 
     @torch.no_grad()
@@ -248,7 +250,7 @@ class Frames2LoRA(nn.Module):
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         b = self.base
         full = load_video(video, image_size=b.image_size, max_frames=seg * max_segments, fps=self.config.fps,
-                          mean=b.image_mean, std=b.image_std)
+                          mean=b.image_mean, std=b.image_std, longest_edge=self.config.longest_edge)
         parts = [Video(pixel_values=full.pixel_values[i:i + seg], timestamps=full.timestamps[i:i + seg],
                        duration=full.duration, source=f"{full.source}[{i}:{i + seg}]",
                        indices=full.indices[i:i + seg])

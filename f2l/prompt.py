@@ -6,10 +6,24 @@ Video turn (what SmolVLM2's processor builds for a video, inside its chat templa
     from a {H:MM:SS} [H:MM:SS] video.\\n
     \\nFrame from MM:SS:<fake_token_around_image><global-img><image>×T<fake_token_around_image>
     ... (one per frame)
-    \\n\\n{instruction or question}<end_of_utterance>\\nAssistant:
+    \\n\\n{instruction or question}<end_of_utterance>\\n[Assistant:]
 
-Question turn (no visual tokens): ``<|im_start|>User: {question}<end_of_utterance>\\nAssistant:``;
-the answer the model produces or is trained on is `` {answer}<end_of_utterance>``.
+This is what SmolVLM2's chat template (:data:`CHAT_TEMPLATE`) renders for one user turn
+whose content is the video followed by a text block, after transformers' SmolVLM processor
+has replaced the video block by the intro, the per-frame lines and the outro (transformers
+4.51.3, the authors' pin). A turn always closes with ``<end_of_utterance>\\n``; the
+generation prompt ``Assistant:`` follows only when the model is to answer.
+
+The *encoding* prompt (what the hypernetwork reads) has no generation prompt: the authors
+encode with ``apply_chat_template(..., add_generation_prompt=False)``
+(``prepare_smolvlm_inputs`` in their ``train_smolvlm_online.py``).
+
+Question turn (no visual tokens): ``<|im_start|>User: {question}<end_of_utterance>\\nAssistant:``.
+The answer the model is trained on is what the template adds for an assistant turn:
+`` {answer}<end_of_utterance>\\n`` -- the labels run through the end-of-utterance token *and*
+the newline after it, exactly the tokens the authors' ``build_labels`` keeps (the full
+conversation's ids minus the prompt-with-generation-prompt's ids). The answer text is used
+as given (no stripping), as the template does.
 """
 from __future__ import annotations
 
@@ -22,7 +36,23 @@ VIDEO_INTRO = "You are provided the following series of {count} frames from a {d
 FRAME_MESSAGE = "\nFrame from {timestamp}:"
 MEDIA_OUTRO = "\n\n"
 USER_PREFIX = BOS_TOKEN + "User: "
-ASSISTANT_PREFIX = "\nAssistant:"
+TURN_END = EOS_TOKEN + "\n"
+GENERATION_PROMPT = "Assistant:"
+ASSISTANT_PREFIX = "\n" + GENERATION_PROMPT  # what follows the end-of-utterance token of a question turn
+
+# SmolVLM2's chat template (as transformers' own SmolVLM/Idefics3 processor tests spell it;
+# later transformers releases add a ``<video>`` branch that 4.51.3 never reaches, because
+# its processor replaces video blocks before rendering): one ``<|im_start|>`` for the whole
+# conversation, ``Role: `` per turn (``Role:`` when a turn starts with an image), every turn
+# closed by ``<end_of_utterance>\n``. f2l builds the same strings in code; the template is
+# kept here so the golden-file generator and anyone comparing can render it.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -82,22 +112,27 @@ def video_block(timestamps: Sequence[float], duration: float, tokens_per_frame: 
 
 def video_prompt(timestamps: Sequence[float], duration: float, tokens_per_frame: int, text: str, *,
                  add_generation_prompt: bool = True) -> str:
-    """A whole user turn with the video followed by ``text`` (instruction or question)."""
+    """A whole user turn with the video followed by ``text`` (instruction or question),
+    closed by ``<end_of_utterance>\\n``; ``add_generation_prompt`` appends ``Assistant:``
+    (a question the model answers). The encoding prompt is ``add_generation_prompt=False``."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
-    out = USER_PREFIX + video_block(timestamps, duration, tokens_per_frame) + text + EOS_TOKEN
-    return out + ASSISTANT_PREFIX if add_generation_prompt else out
+    if not isinstance(add_generation_prompt, bool):
+        raise TypeError(f"add_generation_prompt: expected a bool, got {type(add_generation_prompt).__name__}")
+    out = USER_PREFIX + video_block(timestamps, duration, tokens_per_frame) + text + TURN_END
+    return out + GENERATION_PROMPT if add_generation_prompt else out
 
 
 def question_prompt(question: str) -> str:
     """A text-only user turn ending with the generation prompt ``\\nAssistant:``."""
     if not isinstance(question, str):
         raise TypeError(f"question: expected a str, got {type(question).__name__}")
-    return USER_PREFIX + question + EOS_TOKEN + ASSISTANT_PREFIX
+    return USER_PREFIX + question + TURN_END + GENERATION_PROMPT
 
 
 def answer_text(answer: str) -> str:
-    """The assistant's reply as the model emits it (leading space, closing end-of-utterance)."""
+    """The assistant turn that follows :func:`question_prompt`, as the chat template renders it:
+    `` {answer}<end_of_utterance>\\n`` (the training target; the answer is not stripped)."""
     if not isinstance(answer, str):
         raise TypeError(f"answer: expected a str, got {type(answer).__name__}")
-    return " " + answer.strip() + EOS_TOKEN
+    return " " + answer + TURN_END

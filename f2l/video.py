@@ -1,14 +1,26 @@
 """Video in: decode (PyAV), sample frames the SmolVLM2 way, resize and normalise.
 
-No torchvision: resizing is ``torch.nn.functional.interpolate`` (bilinear, antialiased),
-which stands in for SmolVLM2's Lanczos resize. Frames end up square at the model's
-``image_size`` -- SmolVLM2's video processor also resizes every frame to the square
-``max_image_size`` (videos are never split into tiles).
+Frames are prepared exactly as the authors' pipeline prepares them: transformers 4.51.3's
+SmolVLM image processor with ``video_size = {"longest_edge": 384}`` (their setting for
+every model size), no torchvision:
+
+1. each uint8 RGB frame is resized with PIL's Lanczos filter so that its longest edge is
+   ``longest_edge`` (up or down), the other edge ``int(longest_edge / aspect)`` rounded up
+   to an even number, at least 1 (:func:`resize_output_size`);
+2. that uint8 image is resized again with PIL Lanczos to the vision tower's square
+   ``image_size`` (512 for 256M/500M, 384 for 2.2B; PIL returns an already-square image of
+   that size untouched);
+3. rescale in float64 (``x * (1/255)``), cast to float32, then ``(x - mean) / std`` in float32.
+
+A ``longest_edge`` above ``image_size`` is capped at ``image_size``: SmolVLM's processor
+would cut such frames into tiles, which Frames2LoRA never encodes. See
+``docs/preprocessing.md`` for the derivation and the golden-file check.
 
 Sampling (SmolVLM2's rule): ``n = clamp(round(fps · duration), 1, max_frames)`` frame
 indices spread uniformly (``linspace``) over the video, skipping ``skip_secs`` at both
 ends when the video is long enough. ``sampling="uniform"`` (and any source without a
-frame rate) takes ``max_frames`` uniformly spread frames instead.
+frame rate) takes ``max_frames`` uniformly spread frames instead. A file's duration is
+``frames / average frame rate``, as transformers' video readers compute it.
 """
 from __future__ import annotations
 
@@ -18,9 +30,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from f2l.config import DEFAULT_LONGEST_EDGE  # the authors' processor setting (384) for every model size
 
 DEFAULT_IMAGE_SIZE = 512
+MAX_IMAGE_SIZE = 4096  # the processor's absolute cap on an edge
+RESCALE_FACTOR = 1 / 255
 DEFAULT_MAX_FRAMES = 64
 DEFAULT_FPS = 1.0
 SAMPLING = ("fps", "uniform")
@@ -184,7 +199,11 @@ def decode_video(path, *, max_frames: int = DEFAULT_MAX_FRAMES, fps: float = DEF
     frames = np.stack([kept[i] for i in indices])
     rate = video_fps if video_fps else fps
     timestamps = [i / rate for i in indices]
-    if not duration or duration <= 0:
+    if video_fps:
+        # transformers' readers (PyAV and decord alike) report frames / average rate, not the
+        # container's duration; the prompt's H:MM:SS and the frame count follow from it.
+        duration = total / video_fps
+    elif not duration or duration <= 0:
         duration = total / rate
     return frames, timestamps, float(duration), indices
 
@@ -244,30 +263,93 @@ def _frames_to_tensor(frames, name: str) -> torch.Tensor:
     raise TypeError(f"{name}: expected uint8 (or float in [0, 1]) frames, got dtype {frames.dtype}")
 
 
-def preprocess_frames(frames: torch.Tensor, *, image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                      std: Sequence[float] = (0.5, 0.5, 0.5), chunk: int = 64) -> torch.Tensor:
-    """uint8 ``[F, 3, H, W]`` -> float32 ``[F, 3, S, S]``: square resize, rescale, normalise."""
-    if not isinstance(image_size, int) or image_size < 1:
+def resize_output_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """``(height, width)`` of the aspect-preserving resize to ``longest_edge``, rounded as
+    SmolVLM's image processor rounds it: the long side becomes ``longest_edge``, the short
+    side ``int(long / aspect)`` (``int(long · aspect)`` for portrait frames) bumped to the next
+    even number, at least 1; then both are scaled below ``MAX_IMAGE_SIZE``.
+
+    >>> resize_output_size(9, 17, 384), resize_output_size(40, 64, 384), resize_output_size(17, 9, 384)
+    ((204, 384), (240, 384), (384, 204))
+    """
+    for name, v in (("height", height), ("width", width), ("longest_edge", longest_edge)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def _check_longest_edge(longest_edge) -> None:
+    if isinstance(longest_edge, bool) or not isinstance(longest_edge, int) or longest_edge < 1:
+        raise ValueError(f"longest_edge: expected an int >= 1, got {longest_edge!r}")
+
+
+def resize_frame(frame: np.ndarray, *, image_size: int, longest_edge: int = DEFAULT_LONGEST_EDGE) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> uint8 ``[S, S, 3]``: PIL Lanczos to ``min(longest_edge, image_size)``
+    on the long side (aspect kept), then PIL Lanczos to the ``image_size`` square."""
+    from PIL import Image
+
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frame: expected a uint8 array [H, W, 3], got "
+                         f"{getattr(frame, 'dtype', type(frame).__name__)} {getattr(frame, 'shape', '')}")
+    edge = min(longest_edge, image_size)
+    im = Image.fromarray(np.ascontiguousarray(frame))
+    h, w = resize_output_size(int(frame.shape[0]), int(frame.shape[1]), edge)
+    lanczos = Image.Resampling.LANCZOS
+    im = im.resize((w, h), resample=lanczos)
+    im = im.resize((image_size, image_size), resample=lanczos)
+    return np.asarray(im)
+
+
+def preprocess_frames(frames: torch.Tensor, *, image_size: int, longest_edge: int = DEFAULT_LONGEST_EDGE,
+                      mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> torch.Tensor:
+    """uint8 ``[F, 3, H, W]`` -> float32 ``[F, 3, S, S]``, the SmolVLM processor's arithmetic:
+    two PIL Lanczos resizes on uint8 (:func:`resize_frame`), rescale in float64 and cast to
+    float32, normalise in float32.
+
+    >>> x = torch.randint(0, 256, (2, 3, 40, 64), dtype=torch.uint8)
+    >>> preprocess_frames(x, image_size=48).shape
+    torch.Size([2, 3, 48, 48])
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size: expected an int >= 1, got {image_size!r}")
+    _check_longest_edge(longest_edge)
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean/std: expected 3 values each (std > 0), got mean={mean!r} std={std!r}")
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = []
-    # Chunked so a long video never holds all its full-resolution frames in float32.
-    for i in range(0, frames.shape[0], chunk):
-        x = frames[i:i + chunk].float()
-        if x.shape[-2:] != (image_size, image_size):
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x.clamp(0, 255) / 255.0 - m) / s
-        out.append(x)
-    return torch.cat(out)
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 \
+            or frames.shape[1] != 3:
+        raise ValueError(f"frames: expected a uint8 tensor [F, 3, H, W], got "
+                         f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}")
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    out = torch.empty(frames.shape[0], 3, image_size, image_size, dtype=torch.float32)
+    hwc = frames.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(frames.shape[0]):
+        px = torch.from_numpy(resize_frame(hwc[i], image_size=image_size, longest_edge=longest_edge).copy())
+        # float64 rescale then float32, as transformers' rescale(); (x - mean) / std in float32.
+        x = (px.permute(2, 0, 1).to(torch.float64) * RESCALE_FACTOR).to(torch.float32)
+        out[i] = (x - m) / s
+    return out
 
 
 def load_video(source, *, image_size: int = DEFAULT_IMAGE_SIZE, max_frames: int = DEFAULT_MAX_FRAMES,
                fps: float = DEFAULT_FPS, mean: Sequence[float] = (0.5, 0.5, 0.5),
                std: Sequence[float] = (0.5, 0.5, 0.5), sampling: str = "fps", skip_secs: float = 1.0,
-               video_fps: float | None = None) -> Video:
+               video_fps: float | None = None, longest_edge: int = DEFAULT_LONGEST_EDGE) -> Video:
     """Load one video as model-ready frames.
 
     source: a path (decoded with PyAV and sampled by SmolVLM2's rule), a uint8 frame
@@ -276,12 +358,15 @@ def load_video(source, *, image_size: int = DEFAULT_IMAGE_SIZE, max_frames: int 
     video_fps: frame rate of in-memory frames. When None they are taken as already
       sampled at ``fps`` (timestamps ``i / fps``) and only thinned uniformly down to
       ``max_frames``.
+    longest_edge: the processor's intermediate resize (see the module docstring); the
+      authors' 384 by default, capped at ``image_size``.
 
     >>> v = load_video(torch.randint(0, 256, (4, 20, 30, 3), dtype=torch.uint8), image_size=32)
     >>> v.pixel_values.shape, v.timestamps
     (torch.Size([4, 3, 32, 32]), [0.0, 1.0, 2.0, 3.0])
     """
     _check_sampling_args(max_frames, fps, sampling)
+    _check_longest_edge(longest_edge)
     if video_fps is not None and (isinstance(video_fps, bool) or not isinstance(video_fps, (int, float))
                                   or not video_fps > 0):
         raise ValueError(f"video_fps: expected None or a number > 0, got {video_fps!r}")
@@ -309,9 +394,10 @@ def load_video(source, *, image_size: int = DEFAULT_IMAGE_SIZE, max_frames: int 
         timestamps = [i / rate for i in indices]
         duration = total / rate
         name = "<frames>"
-    pv = preprocess_frames(u8, image_size=image_size, mean=mean, std=std)
+    pv = preprocess_frames(u8, image_size=image_size, longest_edge=longest_edge, mean=mean, std=std)
     return Video(pixel_values=pv, timestamps=[float(t) for t in timestamps], duration=float(duration), source=name,
                  indices=list(indices))
 
 
-__all__ = ["Video", "VideoDecodeError", "load_video", "decode_video", "sample_indices", "preprocess_frames"]
+__all__ = ["Video", "VideoDecodeError", "load_video", "decode_video", "sample_indices", "preprocess_frames",
+           "resize_frame", "resize_output_size", "DEFAULT_LONGEST_EDGE"]

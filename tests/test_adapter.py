@@ -182,6 +182,49 @@ def test_compose_shares_bias_ranks_once():
         VideoAdapter.compose([a, other])
 
 
+@pytest.mark.parametrize("s", [0.5, 0.0, -1.0, 3.0], ids=["half", "zero", "minus-one", "three"])
+def test_compose_bias_scaler_scales_both_bias_factors(s):
+    # The authors' combine_lora(..., bias_scaler=s) writes bias_A * s and bias_B * s into the bias
+    # slot, so the context-free delta scales by s**2 and the context ranks are untouched.
+    a, b = make_adapter(r=5, bias_rank=2), make_adapter(r=4, bias_rank=2)
+    for m in SHAPES:
+        b.lora_a[m][:, -2:] = a.lora_a[m][:, -2:]
+        b.lora_b[m][:, :, -2:] = a.lora_b[m][:, :, -2:]
+    plain = VideoAdapter.compose([a, b], weights=[0.5, 2.0])
+    c = VideoAdapter.compose([a, b], weights=[0.5, 2.0], bias_scaler=s)
+    assert c.segments == plain.segments and c.bias_rank == 2 and c.metadata["bias_scaler"] == s
+    for m in SHAPES:
+        assert torch.equal(c.lora_a[m][:, :-2], plain.lora_a[m][:, :-2])
+        assert torch.equal(c.lora_b[m][:, :, :-2], plain.lora_b[m][:, :, :-2])
+        assert torch.equal(c.lora_a[m][:, -2:], a.lora_a[m][:, -2:] * s)
+        assert torch.equal(c.lora_b[m][:, :, -2:], a.lora_b[m][:, :, -2:] * s)
+        bias = a.scale * a.lora_b[m][0, :, -2:].double() @ a.lora_a[m][0, -2:].double()
+        want = delta_w(plain, m, 0) + (s * s - 1) * bias
+        assert rel_err(delta_w(c, m, 0), want) < 1e-6
+    one = VideoAdapter.compose([a], bias_scaler=s)  # one adapter: the authors apply it with one chunk too
+    assert one.segments == a.segments and one.rank == a.rank
+    for m in SHAPES:
+        assert torch.equal(one.lora_a[m][:, -2:], a.lora_a[m][:, -2:] * s)
+        assert torch.equal(one.lora_a[m][:, :-2], a.lora_a[m][:, :-2])
+    loose = VideoAdapter.compose([a, b], share_bias=False, bias_scaler=s)  # every part's bias ranks
+    for m in SHAPES:
+        assert torch.equal(loose.lora_a[m][:, 3:5], a.lora_a[m][:, 3:] * s)
+        assert torch.equal(loose.lora_b[m][:, :, 7:], b.lora_b[m][:, :, 2:] * s)
+        assert torch.equal(loose.lora_a[m][:, :3], a.lora_a[m][:, :3])
+
+
+def test_compose_bias_scaler_default_and_no_bias_ranks():
+    a = make_adapter(r=3, bias_rank=1)
+    for s in (None, 1.0, 1):
+        c = VideoAdapter.compose([a, a], bias_scaler=s)
+        assert c.metadata["bias_scaler"] == 1.0
+        for m in SHAPES:
+            assert torch.equal(c.lora_a[m], VideoAdapter.compose([a, a]).lora_a[m])
+    plain = make_adapter(r=3)
+    for m in SHAPES:  # nothing to scale without bias ranks
+        assert torch.equal(VideoAdapter.compose([plain], bias_scaler=0.0).lora_a[m], plain.lora_a[m])
+
+
 BAD_COMPOSE = [
     ("empty", lambda a: ([], None), TypeError),
     ("single-adapter", lambda a: (a, None), TypeError),
@@ -192,6 +235,13 @@ BAD_COMPOSE = [
     ("other-shapes", lambda a: ([a, make_adapter(modules={"down_proj": (INTER, HID)})], None), ValueError),
     ("other-layers", lambda a: ([a, make_adapter(L=NL + 1)], None), ValueError),
 ]
+BAD_BIAS_SCALERS = [("nan", float("nan")), ("inf", float("inf")), ("str", "0.5"), ("bool", True)]
+
+
+@pytest.mark.parametrize("value", [c[1] for c in BAD_BIAS_SCALERS], ids=[c[0] for c in BAD_BIAS_SCALERS])
+def test_bad_bias_scaler(value):
+    with pytest.raises(ValueError, match="bias_scaler"):
+        VideoAdapter.compose([make_adapter(bias_rank=1)], bias_scaler=value)
 
 
 @pytest.mark.parametrize("args,exc", [c[1:] for c in BAD_COMPOSE], ids=[c[0] for c in BAD_COMPOSE])

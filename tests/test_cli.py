@@ -106,6 +106,14 @@ def test_round_trip_internalize_ask_compose_export(work, tmp_path, capsys):
     assert both.segments == ref.segments
     for k in both.lora_a:
         torch.testing.assert_close(both.lora_a[k], ref.lora_a[k], rtol=0, atol=0)
+    code, out, err = run(["compose", a0, a1, "-o", tmp_path / "scaled.safetensors", "--bias-scaler", 0.5], capsys)
+    assert code == 0, err
+    scaled = VideoAdapter.load(tmp_path / "scaled.safetensors")
+    ref = VideoAdapter.compose([ad0, VideoAdapter.load(a1)], bias_scaler=0.5)
+    assert scaled.bias_rank == ref.bias_rank > 0 and scaled.metadata["bias_scaler"] == 0.5
+    for k in scaled.lora_a:
+        torch.testing.assert_close(scaled.lora_a[k], ref.lora_a[k], rtol=0, atol=0)
+        torch.testing.assert_close(scaled.lora_b[k], ref.lora_b[k], rtol=0, atol=0)
 
     code, out, err = run(["export-peft", tmp_path / "both.safetensors", "-o", tmp_path / "peft", "--base", "tiny"],
                          capsys)
@@ -253,6 +261,8 @@ def _bad_cases(w):
         ("compose-weight-nan", ["compose", w / "a.safetensors", "-o", w / "c.safetensors", "--weights", "nan"]),
         ("compose-mixed-bases", ["compose", w / "a.safetensors", w / "foreign.safetensors", "-o", w / "c.safetensors"]),
         ("compose-output-is-dir", ["compose", w / "a.safetensors", "-o", w]),
+        ("compose-bias-scaler-nan", ["compose", w / "a.safetensors", "-o", w / "c.safetensors", "--bias-scaler",
+                                     "nan"]),
         ("export-missing-adapter", ["export-peft", w / "nope.safetensors", "-o", w / "p"]),
         ("export-not-an-adapter", ["export-peft", w / "notes.txt", "-o", w / "p"]),
         ("export-wrong-base", ["export-peft", w / "foreign.safetensors", "-o", w / "p", "--base", "tiny"]),

@@ -74,12 +74,18 @@ def test_prompt_layout_token_counts(tiny, num_frames):
     assert text.startswith("<|im_start|>User: You are provided the following series of ")
     assert text.endswith("\n\nInternalize this video for later captioning.<end_of_utterance>\nAssistant:")
     assert text.count("\nFrame from 00:0") == num_frames
+    # The encoding prompt (what the hypernetwork reads) closes the turn and stops: no "Assistant:".
+    enc = prompt_ids(tiny, v, "Internalize this video for later captioning.", add_generation_prompt=False).tolist()
+    assert tok.decode(enc).endswith("captioning.<end_of_utterance>\n")
+    assert ids[:len(enc)] == enc and len(ids) > len(enc)
 
 
 def test_question_and_answer_format():
     assert question_prompt("Why?") == "<|im_start|>User: Why?<end_of_utterance>\nAssistant:"
-    assert answer_text("Red. ") == " Red." + EOS_TOKEN
-    assert not video_prompt([0.0], 1.0, 2, "x", add_generation_prompt=False).endswith("Assistant:")
+    # The assistant turn as the chat template renders it: verbatim text, then "<end_of_utterance>\n".
+    assert answer_text("Red. ") == " Red. " + EOS_TOKEN + "\n"
+    assert video_prompt([0.0], 1.0, 2, "x", add_generation_prompt=False).endswith("x" + EOS_TOKEN + "\n")
+    assert video_prompt([0.0], 1.0, 2, "x").endswith("x" + EOS_TOKEN + "\nAssistant:")
 
 
 @pytest.mark.parametrize("call,exc", [
@@ -98,7 +104,7 @@ def test_prompt_bad_inputs(call, exc):
 
 def _hf_reference_states(base, video, text):
     """Decoder-layer inputs of the Hugging Face multimodal forward (pixel_values path)."""
-    ids = prompt_ids(base, video, text)[None]
+    ids = prompt_ids(base, video, text, add_generation_prompt=False)[None]
     captured = []
     hooks = [layer.register_forward_pre_hook(
         lambda mod, args, kwargs: captured.append((args[0] if args else kwargs["hidden_states"]).clone()),

@@ -387,3 +387,30 @@ def test_with_shared_bias_applies_bias_once_per_sequence():
         out.with_shared_bias([3])
     plain = Frames2LoRAHypernet(tiny_config(bias_rank=0))(states, cu, backend="reference")
     assert plain.with_shared_bias([0, [1, 2]])[2:] == ([0, [1, 2]], None)
+
+
+@pytest.mark.parametrize("s", [0.5, 0.0, -2.0], ids=["half", "zero", "minus-two"])
+def test_with_shared_bias_bias_scaler(s):
+    # In-kernel composition with the authors' bias_scaler: the bias entry's A and B are both
+    # scaled (bias delta x s**2), the same factors VideoAdapter.compose(..., bias_scaler=s) makes.
+    from f2l.adapter import VideoAdapter
+
+    net = randomise_(Frames2LoRAHypernet(tiny_config()))
+    states, cu = make_inputs([3, 4, 2])
+    out = net(states, cu, backend="reference")
+    ids = [[0, 2], 1]
+    la0, lb0, sids, ranks = out.with_shared_bias(ids)
+    la, lb, sids_s, ranks_s = out.with_shared_bias(ids, bias_scaler=s)
+    assert (sids_s, ranks_s) == (sids, ranks)
+    B, rb = out.num_videos, net.config.bias_rank
+    ads = net.to_adapters(out)
+    comp = VideoAdapter.compose([ads[0], ads[2]], bias_scaler=s)
+    for m in MODULES:
+        assert torch.equal(la[m][:, :B], la0[m][:, :B]) and torch.equal(lb[m][:, :B], lb0[m][:, :B])
+        assert torch.equal(la[m][:, B], la0[m][:, B] * s) and torch.equal(lb[m][:, B], lb0[m][:, B] * s)
+        got = sum(lb[m][0, p, :, :ranks[p]] @ la[m][0, p, :ranks[p]] for p in sids[0])
+        want = comp.lora_b[m][0] @ comp.lora_a[m][0]
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(comp.lora_a[m][:, -rb:], la[m][:, B, :rb])
+    with pytest.raises(ValueError, match="bias_scaler"):
+        out.with_shared_bias(ids, bias_scaler=float("nan"))

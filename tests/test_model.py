@@ -191,12 +191,21 @@ def test_lm_forward_gradients_reach_hypernet(model, videos):
     model.hypernet.zero_grad(set_to_none=True)
 
 
+def test_adapters_record_the_frame_preprocessing(model, adapters):
+    # The longest edge of the processor's first resize, capped at the tower (48 px for tiny).
+    assert model.config.longest_edge == 384
+    for ad in adapters:
+        assert ad.metadata["longest_edge"] == min(384, model.base.image_size) == 48
+        assert ad.metadata["image_size"] == model.base.image_size
+
+
 def test_question_ids_layout(model):
     tok = model.base.tokenizer
     ids, mask, labels = model.question_ids(["Why?", "What colour is it?"], ["Because.", "Red."])
     for i, ans in enumerate(["Because.", "Red."]):
         kept = labels[i][labels[i] != -100].tolist()
-        assert tok.decode(kept) == " " + ans + "<end_of_utterance>"
+        # Labels run through <end_of_utterance> and the newline the chat template puts after it.
+        assert tok.decode(kept) == " " + ans + "<end_of_utterance>\n"
         assert tok.decode(ids[i][mask[i].bool()].tolist()).startswith("<|im_start|>User: ")
     assert mask[0, -1] == 0 or mask[1, -1] == 0  # right padding
     lids, lmask, _ = model.question_ids(["Why?", "What colour is it?"], padding_side="left")
