@@ -8,7 +8,7 @@ Video turn (what SmolVLM2's processor builds for a video, inside its chat templa
     ... (one per frame)
     \\n\\n{instruction or question}<end_of_utterance>\\n[Assistant:]
 
-This is what SmolVLM2's chat template (:data:`CHAT_TEMPLATE`) renders for one user turn
+This is what SmolVLM2's chat template (:data:`f2l.tokenizer.CHAT_TEMPLATE`, re-exported here) renders for one user turn
 whose content is the video followed by a text block, after transformers' SmolVLM processor
 has replaced the video block by the intro, the per-frame lines and the outro (transformers
 4.51.3, the authors' pin). A turn always closes with ``<end_of_utterance>\\n``; the
@@ -30,7 +30,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Sequence
 
-from f2l.tokenizer import BOS_TOKEN, EOS_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN
+from f2l.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN  # noqa: F401
 
 VIDEO_INTRO = "You are provided the following series of {count} frames from a {duration} [H:MM:SS] video.\n"
 FRAME_MESSAGE = "\nFrame from {timestamp}:"
@@ -40,19 +40,6 @@ TURN_END = EOS_TOKEN + "\n"
 GENERATION_PROMPT = "Assistant:"
 ASSISTANT_PREFIX = "\n" + GENERATION_PROMPT  # what follows the end-of-utterance token of a question turn
 
-# SmolVLM2's chat template (as transformers' own SmolVLM/Idefics3 processor tests spell it;
-# later transformers releases add a ``<video>`` branch that 4.51.3 never reaches, because
-# its processor replaces video blocks before rendering): one ``<|im_start|>`` for the whole
-# conversation, ``Role: `` per turn (``Role:`` when a turn starts with an image), every turn
-# closed by ``<end_of_utterance>\n``. f2l builds the same strings in code; the template is
-# kept here so the golden-file generator and anyone comparing can render it.
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()

@@ -78,29 +78,23 @@ _CHAR_SCORE = -9.0
 _RESERVED_SCORE = -1000.0
 _RESERVED = "<|reserved_{}|>"
 
-# SmolVLM2's chat template: one <|im_start|> opens the conversation; each turn is the
-# capitalised role, ":" (directly followed by an image/video part) or ": ", its parts, and
-# "<end_of_utterance>\n"; the generation prompt is "Assistant:". Content may be a plain
-# string or a list of {"type": "text"|"image"|"video"} parts (OpenAI-style requests).
+# SmolVLM2's chat template (as transformers' own SmolVLM/Idefics3 processor tests spell it):
+# one <|im_start|> for the whole conversation, "Role: " per turn ("Role:" when a turn starts
+# with an image), every turn closed by "<end_of_utterance>\n", the generation prompt
+# "Assistant:". Two additions that change nothing the authors' pipeline renders: a plain
+# string content renders as one text part (OpenAI-style chat requests send strings), and a
+# video part renders as <video> (4.51.3's processor replaces video blocks before rendering,
+# so its template never meets one). f2l builds its prompts in code (f2l.prompt); saved
+# tokenizers carry this template so engines render the same turns.
 CHAT_TEMPLATE = (
-    "<|im_start|>"
-    "{%- for message in messages -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if content is string -%}"
-    "{{- message['role'] | capitalize }}: {{ content -}}"
-    "{%- else -%}"
-    "{{- message['role'] | capitalize -}}"
-    "{%- if content and content[0]['type'] in ('image', 'video') -%}{{- ':' -}}{%- else -%}{{- ': ' -}}{%- endif -%}"
-    "{%- for part in content -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
-    "{%- elif part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif part['type'] == 'video' -%}{{- '<video>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<end_of_utterance>\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'] is string %}{{': ' + message['content']}}"
+    "{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 

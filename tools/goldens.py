@@ -194,14 +194,14 @@ def _processor(tower: int):
 
 
 def _chat_template() -> str:
-    # Read the constant out of f2l/prompt.py's source without importing f2l (and its deps).
+    # Read the constant out of f2l/tokenizer.py's source without importing f2l (and its deps).
     import ast
 
-    tree = ast.parse((ROOT / "f2l" / "prompt.py").read_text())
+    tree = ast.parse((ROOT / "f2l" / "tokenizer.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CHAT_TEMPLATE" for t in node.targets):
             return ast.literal_eval(node.value)
-    raise RuntimeError("f2l/prompt.py has no CHAT_TEMPLATE constant")
+    raise RuntimeError("f2l/tokenizer.py has no CHAT_TEMPLATE constant")
 
 
 def _intermediate_size(height: int, width: int) -> list[int]:
