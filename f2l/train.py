@@ -353,6 +353,10 @@ class VideoStore:
         self.instruction = instruction or getattr(mcfg, "instruction", None)
         self.max_frames = max_frames or getattr(mcfg, "max_frames", None) or self.base.max_frames
         self.fps = float(getattr(mcfg, "fps", None) or self.base.fps)
+        from f2l.config import DEFAULT_LONGEST_EDGE
+
+        # the frames' intermediate resize, as internalize does it (F2LConfig.longest_edge)
+        self.longest_edge = int(getattr(mcfg, "longest_edge", None) or DEFAULT_LONGEST_EDGE)
         self.resolver = resolver
         self._sources: dict[str, Any] = {}
         self._encoded: dict[str, tuple[torch.Tensor, int, int]] = {}  # key -> (states [L, T, H], frames, visual)
@@ -399,7 +403,7 @@ class VideoStore:
                 raise KeyError(f"key: unknown video {key!r} (not added and no resolver)")
             src = self.resolver(key)
         return load_video(src, image_size=self.base.image_size, max_frames=self.max_frames, fps=self.fps,
-                          mean=self.base.image_mean, std=self.base.image_std)
+                          mean=self.base.image_mean, std=self.base.image_std, longest_edge=self.longest_edge)
 
     def _load(self, key: str):
         v = self._video(key)

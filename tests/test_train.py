@@ -429,3 +429,26 @@ def test_ddp_two_processes_equal_single_process_and_resume_exactly(tmp_path):
     for k in p0:
         assert torch.equal(r0[k], p0[k]), k
     assert json.load(open(res / "resume0.json")) == l0[2:]
+
+
+def test_video_store_resizes_frames_with_the_models_longest_edge(fresh):
+    """Training sees the frames internalize makes: F2LConfig.longest_edge reaches the store."""
+    import dataclasses
+
+    from f2l.video import load_video
+
+    frames = torch.randint(0, 256, (2, 40, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    old = fresh.config
+    try:
+        fresh.config = dataclasses.replace(old, longest_edge=20)
+        store = tr.VideoStore(fresh)
+        store.add("v", frames)
+        b = fresh.base
+        want = load_video(frames, image_size=b.image_size, max_frames=store.max_frames, fps=store.fps,
+                          mean=b.image_mean, std=b.image_std, longest_edge=20).pixel_values
+        other = load_video(frames, image_size=b.image_size, max_frames=store.max_frames, fps=store.fps,
+                           mean=b.image_mean, std=b.image_std).pixel_values
+        got = store._load("v").pixel_values
+        assert torch.equal(got, want) and not torch.equal(want, other)
+    finally:
+        fresh.config = old
