@@ -1341,7 +1341,8 @@ def orchestrate(args) -> int:
         if args.commit:
             cmd += ["--commit", args.commit]
         env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}
+               "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1"),
+               "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}  # progress bars: noise in the logs
         if args.dry_run:
             # the CPU plan even where a GPU exists: the interpreter, tiny shapes
             env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
