@@ -1,4 +1,4 @@
-"""One command for a GPU session: build, check, measure and summarise f2l on the device.
+"""One command for a GPU run: build, check, measure and summarise f2l on the device.
 
     python benchmarks/gpu_suite.py                      # every step within --budget-s (480 s)
     python benchmarks/gpu_suite.py --dry-run            # CPU / CI: the same plan on tiny shapes
@@ -32,9 +32,10 @@ Steps, in priority order (a global deadline drops the tail, never the head):
 Every step runs in its own process with its own time limit; each result file is written
 as soon as it exists (and rewritten as rows arrive), so a limit leaves partial results.
 Files land in ``benchmarks/results/<device-slug>/`` (``--out``); ``--export DIR`` also
-keeps ``DIR/gpu_suite_results.tar.gz`` plus the summary and the log up to date there (the
-device tool brings back a few files from ``$OUT``). The last thing printed is the summary:
-each speed target with its floor, baseline and ratio. ``docs/gpu.md`` says how to run it.
+keeps ``DIR/gpu_suite_results.tar.gz`` plus the summary and the log up to date there (a
+remote GPU machine may return only a few files from one folder). The last thing printed
+is the summary: each speed target with its floor, baseline and ratio. ``docs/gpu.md``
+says how to run it.
 """
 from __future__ import annotations
 
@@ -362,10 +363,11 @@ def step_tests(ctx: Ctx) -> dict:
     bad = [r for r in runs if r.get("failed") or r.get("error") or r.get("timed_out")
            or r.get("rc") not in (None, 0, 5)]
     total = {k: sum(r.get(k, 0) for r in runs) for k in ("passed", "failed", "error", "skipped")}
-    rec = {"status": "failed" if bad else "ok", "runs": runs, "totals": total, "files": files,
-           "note": ", ".join(f"{v} {k}" for k, v in total.items()) + (
-               "; " + "; ".join(f"{r['run']}: {r.get('status') or ('time limit' if r.get('timed_out') else 'rc=%s' % r.get('rc'))}"
-                                for r in bad) if bad else "")}
+    note = ", ".join(f"{v} {k}" for k, v in total.items())
+    for r in bad:
+        why = r.get("status") or ("time limit" if r.get("timed_out") else f"rc={r.get('rc')}")
+        note += f"; {r['run']}: {why}" + (f" ({', '.join(r['failures'][:5])})" if r.get("failures") else "")
+    rec = {"status": "failed" if bad else "ok", "runs": runs, "totals": total, "files": files, "note": note}
     write_json(os.path.join(ctx.out, "tests.json"), rec)
     return rec
 
@@ -1254,7 +1256,7 @@ def update_dispatch(results_dir: str, path: str = DISPATCH_PATH) -> dict:
 
 
 def export(out: str, dest: str | None) -> None:
-    """Keep ``dest`` (e.g. the device tool's $OUT) current: one tarball of ``out`` plus the
+    """Keep ``dest`` (e.g. the folder a remote GPU machine returns) current: one tarball of ``out`` plus the
     summary and the log as plain files (the tool brings back a few files, not trees)."""
     if not dest:
         return

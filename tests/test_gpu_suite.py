@@ -1,6 +1,6 @@
 """benchmarks/gpu_suite.py and the measured decode dispatch (f2l_kernels/_tuned.py).
 
-The suite's dry run executes the GPU session's plan on the CPU (tiny shapes, Triton
+The suite's dry run executes the GPU run's plan on the CPU (tiny shapes, Triton
 through the interpreter) and must write every result file and the summary; the summary
 arithmetic, the dispatch-table writer, the table reader and the ``auto`` decode decision
 are checked on synthetic GPU-like numbers, since no GPU runs here.
@@ -415,3 +415,13 @@ def test_update_dispatch_refuses_cpu_results(tmp_path):
         gpu_suite.update_dispatch(str(tmp_path), str(tmp_path / "t.json"))
     with pytest.raises(SystemExit, match="no readable decode.json"):
         gpu_suite.update_dispatch(str(tmp_path / "nowhere"), str(tmp_path / "t.json"))
+
+
+def test_pytest_log_counts():
+    log = ("tests/test_cuda.py::test_matches_reference[rank1-bf16-auto] PASSED  [  1%]\n"
+           "tests/test_cuda.py::test_opcheck FAILED                            [  2%]\n"
+           "tests/test_cuda.py::test_graph[fp32-c2] SKIPPED (needs sm_90)      [  3%]\n"
+           "FAILED tests/test_cuda.py::test_opcheck - AssertionError\n")
+    got = gpu_suite._pytest_counts(log)
+    assert (got["passed"], got["failed"], got["skipped"]) == (1, 1, 1)
+    assert got["failures"] == ["tests/test_cuda.py::test_opcheck"]
