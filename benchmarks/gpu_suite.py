@@ -287,8 +287,10 @@ def step_build(ctx: Ctx) -> dict:
                extension_available=bool(avail), reason=reason)
     ok = res["rc"] == 0 and avail
     rec["status"] = "ok" if ok else "failed"
+    last = [ln.strip() for ln in res["tail"].splitlines() if ln.strip()][-1:] or [""]
     rec["note"] = (f"built in {res['seconds']:.0f}s for sm_{archs}, extension loads" if ok else
-                   f"build rc={res['rc']}{' (time limit)' if res['timed_out'] else ''}; extension: {reason}")
+                   f"build rc={res['rc']}{' (time limit)' if res['timed_out'] else ''}"
+                   f"{': ' + last[0][:200] if res['rc'] else ''}; extension: {reason}")
     write_json(os.path.join(ctx.out, "build.json"), rec)
     rec["files"].append("build.json")
     return rec
