@@ -24,7 +24,7 @@ that is what the kernels' work grows with.
 
 ``F2L_DECODE_DISPATCH``: a path to another table, or ``0``/``off`` to ignore tables
 (then ``auto`` takes the CUDA kernel for every decode call it supports, the behaviour
-before tables existed). A missing, unreadable or foreign table never fails an import or
+before tables existed); read at the first decode dispatch of the process. A missing, unreadable or foreign table never fails an import or
 a call: one :class:`DispatchTableWarning` names the problem and every decode call falls
 back to Triton.
 """
@@ -159,6 +159,7 @@ def reset_cache() -> None:
     """Forget the loaded table and device names (tests; after rewriting the file)."""
     with _lock:
         _cache.clear()
+        _memo.clear()
 
 
 def _setting() -> str | None:
@@ -208,12 +209,28 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
+_memo: dict = {}
+
+
 def decode_prefers_cuda(device: torch.device, dtype: torch.dtype, d_in: int, d_out: int, rank: int,
                         num_seqs: int) -> bool:
-    """Whether ``auto`` should run this decode call on the CUDA kernel (for ``_pick``)."""
+    """Whether ``auto`` should run this decode call on the CUDA kernel (for ``_pick``).
+
+    Called on every decode-shaped LoRA call, so answers are memoised per call shape (a
+    dict hit instead of the table walk: decode steps cost microseconds); the setting and
+    the table are read once, at the first call (:func:`reset_cache` reads them again)."""
+    key = (device.index, dtype, d_in, d_out, rank, num_seqs)
+    hit = _memo.get(key)
+    if hit is not None:
+        return hit
     table = decode_table()
     if table is None:
-        return True
-    if not table.winners or dtype not in _DTYPES:
-        return False
-    return decode_choice(_device_name(device), _DTYPES[dtype], d_in, d_out, rank, num_seqs, table) == "cuda"
+        res = True
+    elif not table.winners or dtype not in _DTYPES:
+        res = False
+    else:
+        res = decode_choice(_device_name(device), _DTYPES[dtype], d_in, d_out, rank, num_seqs, table) == "cuda"
+    if len(_memo) > 4096:  # many distinct batch sizes: start over rather than grow
+        _memo.clear()
+    _memo[key] = res
+    return res

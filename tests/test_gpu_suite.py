@@ -304,6 +304,8 @@ def test_tables_can_be_switched_off(table_env, monkeypatch):
     table_env(_table([]))
     assert not _tuned.decode_prefers_cuda(torch.device("cuda", 0), torch.bfloat16, 2560, 960, 16, 64)
     monkeypatch.setenv("F2L_DECODE_DISPATCH", "off")
+    assert not _tuned.decode_prefers_cuda(torch.device("cuda", 0), torch.bfloat16, 2560, 960, 16, 64)  # memoised
+    _tuned.reset_cache()
     assert _tuned.decode_prefers_cuda(torch.device("cuda", 0), torch.bfloat16, 2560, 960, 16, 64)
 
 
