@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from f2l_kernels._backend import resolve_backend
+from f2l_kernels import _tuned
+from f2l_kernels._backend import requested_backend, resolve_backend
 from f2l_kernels._checks import FLOAT_DTYPES, check_same, check_tensor
 from f2l_kernels.lora.batch import LoraBatch
 from f2l_kernels.lora.reference import concat_adapters_ref, lora_delta_ref, lora_linear_ref
@@ -80,7 +81,7 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _pick(backend, x, batch, grad: bool, r_max: int) -> str:
+def _pick(backend, x, batch, grad: bool, r_max: int, d_out: int | None = None) -> str:
     name = resolve_backend(backend, x.device, has_cuda_kernel=_cuda_ready())
     if name == "cuda":
         if not _cuda_ready():
@@ -93,6 +94,11 @@ def _pick(backend, x, batch, grad: bool, r_max: int) -> str:
         # the CUDA kernel covers the decode-time forward only (no backward), within its limits
         supports = getattr(_cuda, "supports", None)
         if not batch.is_decode or grad or (supports is not None and not supports(batch, r_max, x.dtype)):
+            return "triton"
+        # auto: the CUDA kernel only where measurements say it wins (f2l_kernels/_tuned.py)
+        if requested_backend(backend) == "auto" and not _tuned.decode_prefers_cuda(
+                x.device, x.dtype, x.shape[-1], d_out or 0, r_max * max(1, batch.max_adapters_per_seq),
+                batch.num_seqs):
             return "triton"
     return name
 
@@ -129,7 +135,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if bias.requires_grad:
             raise ValueError("bias: the base bias must be frozen (requires_grad=False)")
     scale = _check_scale(scale, P, x.device)
-    name = _pick(backend, x, batch, _needs_grad(x, lora_a, lora_b), r_max)
+    name = _pick(backend, x, batch, _needs_grad(x, lora_a, lora_b), r_max, d_out)
     if name == "reference":
         y = lora_linear_ref(x2, weight, bias, lora_a, lora_b, batch, scale)
     elif name == "cuda":
@@ -164,7 +170,7 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batc
             raise ValueError(f"out: expected {x2.shape[0]} rows of d_out={d_out} "
                              f"(shape [*{list(lead)}, {d_out}]), got {list(out.shape)}")
     grad = _needs_grad(x, lora_a, lora_b)
-    name = _pick(backend, x, batch, grad, r_max)
+    name = _pick(backend, x, batch, grad, r_max, d_out)
     if name == "reference":
         d = lora_delta_ref(x2, lora_a, lora_b, batch, scale).to(x.dtype)
     elif name == "cuda":
