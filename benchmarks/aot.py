@@ -260,10 +260,11 @@ def _pointer_sources(lines: list[str], pointer_params: set[int]) -> dict[str, se
     return src
 
 
-def loop_loads(ptx: str, arg_names: list[str] | None = None) -> list[dict]:
-    """Global loads (``ld.global*``, ``cp.async*``) inside loop bodies, with their width in
-    bytes and, where the address can be traced to a pointer parameter, that argument's name
-    (``arg_names``: the kernel's non-constexpr arguments in order, as in the PTX params)."""
+def global_loads(ptx: str, arg_names: list[str] | None = None) -> list[dict]:
+    """Every global load (``ld.global*``, ``cp.async*``) with its width in bytes, whether it
+    sits inside a loop body, and, where the address can be traced to a pointer parameter,
+    that argument's name (``arg_names``: the kernel's non-constexpr arguments in order, as
+    in the PTX params)."""
     lines = ptx.splitlines()
     loops = loop_ranges(lines)
     inside = set()
@@ -277,7 +278,7 @@ def loop_loads(ptx: str, arg_names: list[str] | None = None) -> list[dict]:
     pointer_params = {i for i, is_ptr in params.items() if is_ptr}
     src = _pointer_sources(lines, pointer_params)
     out = []
-    for i in sorted(inside):
+    for i in range(len(lines)):
         s = lines[i].strip()
         if s.startswith("@"):
             s = s.split(None, 1)[1] if " " in s else ""
@@ -289,11 +290,24 @@ def loop_loads(ptx: str, arg_names: list[str] | None = None) -> list[dict]:
         addr = re.search(r"\[\s*(%\w+)", s.split(",", 1)[1] if s.startswith("cp.async") else s)
         ps = sorted(src.get(addr.group(1), set())) if addr else []
         names = [arg_names[p] if arg_names and p < len(arg_names) else f"param_{p}" for p in ps]
-        out.append({"line": i, "kind": kind, "bytes": width, "args": names})
+        out.append({"line": i, "kind": kind, "bytes": width, "args": names, "in_loop": i in inside})
     return out
 
 
+def loop_loads(ptx: str, arg_names: list[str] | None = None) -> list[dict]:
+    """The global loads inside loop bodies (labels targeted by a backward branch)."""
+    return [ld for ld in global_loads(ptx, arg_names) if ld["in_loop"]]
+
+
+def _scalar(ld: dict) -> bool:
+    return ld["bytes"] is not None and ld["bytes"] <= 2
+
+
 def summarize_loads(loads: list[dict]) -> dict:
+    """Loop loads by ``kind:bytes``, the scalar (<= 2-byte) ones per argument; loads outside
+    loops only as a count of scalar ones (reported, not a verdict)."""
+    outside = [ld for ld in loads if not ld.get("in_loop", True)]
+    loads = [ld for ld in loads if ld.get("in_loop", True)]
     by_width: dict[str, int] = defaultdict(int)
     scalar_args: dict[str, int] = defaultdict(int)
     for ld in loads:
@@ -301,8 +315,14 @@ def summarize_loads(loads: list[dict]) -> dict:
         if ld["bytes"] is not None and ld["bytes"] <= 2:
             for a in ld["args"] or ["?"]:
                 scalar_args[a] += 1
-    return {"by_width": dict(sorted(by_width.items())), "scalar": sum(
-        1 for ld in loads if ld["bytes"] is not None and ld["bytes"] <= 2), "scalar_args": dict(scalar_args)}
+    out_args: dict[str, int] = defaultdict(int)
+    for ld in outside:
+        if _scalar(ld):
+            for a in ld["args"] or ["?"]:
+                out_args[a] += 1
+    return {"by_width": dict(sorted(by_width.items())), "scalar": sum(map(_scalar, loads)),
+            "scalar_args": dict(scalar_args), "scalar_outside_loops": sum(map(_scalar, outside)),
+            "scalar_outside_args": dict(out_args)}
 
 
 # --------------------------------------------------------------------------- serialisation
@@ -478,13 +498,18 @@ def _gpu_facts(sms: int):
                 setattr_saved(mod, attr, lambda *a, **k: sms)
             elif isinstance(val, dict) and attr in ("_SM_COUNT", "_NUM_SMS"):
                 setattr_saved(mod, attr, {})
-            elif hasattr(val, "cache_clear") and attr.startswith("_plan"):
-                val.cache_clear()
+            elif hasattr(val, "cache_clear"):
+                val.cache_clear()  # plans cached under the CPU SM count
     try:
         yield
     finally:
         for obj, name, val in reversed(saved):
             setattr(obj, name, val)
+        for name, mod in list(sys.modules.items()):
+            if (name == "f2l_kernels" or name.startswith("f2l_kernels.")) and mod is not None:
+                for val in list(vars(mod).values()):
+                    if hasattr(val, "cache_clear"):
+                        val.cache_clear()
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -497,7 +522,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 class Scenario:
     name: str
     fn: Callable[[Any], None]   # fn(torch dtype): calls the public API
-    ci: bool = False
+    ci: tuple[str, ...] = ()    # dtypes this scenario runs with in the CI subset
 
 
 def _lora_pool(torch, P, r_max, d_in, d_out, dtype, grad=False):
@@ -516,9 +541,8 @@ def _lora_scenario(shape, seq_lens, adapter_ids, r_max, *, ranks=None, mode="lin
 
         import f2l_kernels as fk
         d_in, d_out = MODEL_SHAPES[shape]
-        P = 4
         flat = [i for ids in adapter_ids for i in (ids if isinstance(ids, list) else [ids]) if i is not None]
-        P = max([P] + [i + 1 for i in flat])
+        P = max([4] + [i + 1 for i in flat])
         batch = fk.LoraBatch.build(seq_lens, adapter_ids, ranks=ranks)
         n = sum(seq_lens)
         x = torch.randn(n, d_in, dtype=dtype, requires_grad=grad)
@@ -540,12 +564,14 @@ def _lora_scenario(shape, seq_lens, adapter_ids, r_max, *, ranks=None, mode="lin
 
 def _perceiver_scenario(seq_rows, *, grad=False, latents=True):
     def fn(dtype):
+        import itertools
+
         import torch
 
         import f2l_kernels as fk
         H, Hkv, Dh, M, Dc = 16, 4, 128, 8, 512
         S = len(seq_rows)
-        cu = torch.tensor([0] + list(__import__("itertools").accumulate(seq_rows)), dtype=torch.int32)
+        cu = torch.tensor([0] + list(itertools.accumulate(seq_rows)), dtype=torch.int32)
         q = torch.randn(S, M, H, Dh, dtype=dtype, requires_grad=grad)
         ctx = torch.randn(int(cu[-1]), Dc, dtype=dtype, requires_grad=grad)
         wk = (torch.randn(Hkv * Dh, Dc, dtype=dtype) * 0.02).requires_grad_(grad)
@@ -561,57 +587,57 @@ def _perceiver_scenario(seq_rows, *, grad=False, latents=True):
 
 
 def scenarios(full: bool) -> list[Scenario]:
-    """The launch sweep. ``ci=True`` marks the representative subset: one model shape per
-    kernel path and the awkward launch shapes (short prefill -> BLOCK_M=16, decode, rank-128
-    compositions, ragged ranks, backward, split and empty Perceiver sequences)."""
+    """The launch sweep. ``ci`` marks the representative subset (500M shapes, bf16, plus two
+    fp32 checks): short prefill (BLOCK_M=16) and long prefill, decode, rank-128
+    compositions in prefill and decode, the backward, a split + empty Perceiver batch."""
+    B16, B16F32 = ("bf16",), ("bf16", "fp32")
     out: list[Scenario] = []
     for shape in MODEL_SHAPES:
-        ci_shape = shape == "500M"
+        main = shape == "500M"
         for r in (16, 32, 64):
+            base = main and r == 16
             for T in (7, 64, 300):
                 lens = [T, T, max(1, T // 2)]
                 ids = [0, 2, -1]
-                out.append(Scenario(f"lora_linear/{shape}/r{r}/prefill T{T}",
-                                    _lora_scenario(shape, lens, ids, r), ci=ci_shape and r == 16 and T != 64))
+                out.append(Scenario(f"lora_linear/{shape}/r{r}/prefill T{T}", _lora_scenario(shape, lens, ids, r),
+                                    ci=(B16 if T == 7 else B16F32 if T == 300 else ()) if base else ()))
                 out.append(Scenario(f"lora_linear/{shape}/r{r}/prefill T{T}/backward",
-                                    _lora_scenario(shape, lens, ids, r, grad=True), ci=ci_shape and r == 16 and T == 7))
+                                    _lora_scenario(shape, lens, ids, r, grad=True), ci=B16 if base and T == 7 else ()))
                 out.append(Scenario(f"lora_delta/{shape}/r{r}/prefill T{T}",
-                                    _lora_scenario(shape, lens, ids, r, mode="delta"), ci=False))
+                                    _lora_scenario(shape, lens, ids, r, mode="delta")))
                 out.append(Scenario(f"lora_delta/{shape}/r{r}/prefill T{T}/out=",
-                                    _lora_scenario(shape, lens, ids, r, mode="delta", out=True),
-                                    ci=ci_shape and r == 16 and T == 300))
+                                    _lora_scenario(shape, lens, ids, r, mode="delta", out=True)))
             for S in (1, 16, 64):
                 ids = [i % 4 for i in range(S)]
-                out.append(Scenario(f"lora_linear/{shape}/r{r}/decode S{S}",
-                                    _lora_scenario(shape, [1] * S, ids, r), ci=ci_shape and r == 16 and S != 1))
+                out.append(Scenario(f"lora_linear/{shape}/r{r}/decode S{S}", _lora_scenario(shape, [1] * S, ids, r),
+                                    ci=B16 if base and S == 16 else ()))
                 out.append(Scenario(f"lora_delta/{shape}/r{r}/decode S{S}/out=",
-                                    _lora_scenario(shape, [1] * S, ids, r, mode="delta", out=True),
-                                    ci=ci_shape and r == 16 and S == 16))
+                                    _lora_scenario(shape, [1] * S, ids, r, mode="delta", out=True)))
                 out.append(Scenario(f"lora_linear/{shape}/r{r}/decode S{S}/backward",
-                                    _lora_scenario(shape, [1] * S, ids, r, grad=True), ci=False))
+                                    _lora_scenario(shape, [1] * S, ids, r, grad=True)))
         # compositions up to rank 128 (two rank-64 entries), ragged ranks, per-entry scale
         comp = [[0, 1], [2, 3], 1]
         out.append(Scenario(f"lora_linear/{shape}/compose 2x64/prefill T64",
-                            _lora_scenario(shape, [64, 64, 30], comp, 64), ci=ci_shape))
+                            _lora_scenario(shape, [64, 64, 30], comp, 64), ci=B16 if main else ()))
         out.append(Scenario(f"lora_linear/{shape}/compose 2x64/decode S16",
-                            _lora_scenario(shape, [1] * 16, [comp[i % 3] for i in range(16)], 64), ci=ci_shape))
+                            _lora_scenario(shape, [1] * 16, [comp[i % 3] for i in range(16)], 64),
+                            ci=B16 if main else ()))
         out.append(Scenario(f"lora_linear/{shape}/compose 2x64/prefill T64/backward",
-                            _lora_scenario(shape, [64, 64, 30], comp, 64, grad=True), ci=False))
+                            _lora_scenario(shape, [64, 64, 30], comp, 64, grad=True)))
         ragged = [16, 32, 64, 8]
         out.append(Scenario(f"lora_linear/{shape}/ragged/prefill T300/scale[P]",
-                            _lora_scenario(shape, [300, 7, 64], [0, [1, 2], 3], 64, ranks=ragged, scale_vec=True),
-                            ci=False))
+                            _lora_scenario(shape, [300, 7, 64], [0, [1, 2], 3], 64, ranks=ragged, scale_vec=True)))
         out.append(Scenario(f"lora_linear/{shape}/ragged/decode S64/scale[P]",
                             _lora_scenario(shape, [1] * 64, [[0, 1], 2, 3, -1] * 16, 64, ranks=ragged,
-                                           scale_vec=True), ci=False))
-    # Perceiver: 12 frames x 64 tokens per (layer, video) and a 1,024-frame (65k-row) video,
-    # a packed batch with an empty sequence
-    out.append(Scenario("perceiver/12x64 x4", _perceiver_scenario([768] * 4), ci=True))
-    out.append(Scenario("perceiver/12x64 x4/backward", _perceiver_scenario([768] * 4, grad=True), ci=True))
-    out.append(Scenario("perceiver/65k+empty+768", _perceiver_scenario([65536, 0, 768]), ci=True))
+                                           scale_vec=True)))
+    # Perceiver: 12 frames x 64 tokens per (layer, video) and a 1,024-frame (65k-row) video
+    # packed with an empty sequence
+    out.append(Scenario("perceiver/12x64 x4", _perceiver_scenario([768] * 4)))
+    out.append(Scenario("perceiver/12x64 x4/backward", _perceiver_scenario([768] * 4, grad=True)))
+    out.append(Scenario("perceiver/65k+empty+768", _perceiver_scenario([65536, 0, 768]), ci=("fp32",)))
     out.append(Scenario("perceiver/65k+empty+768/backward", _perceiver_scenario([65536, 0, 768], grad=True),
-                        ci=True))
-    out.append(Scenario("perceiver/12x64 x4/no latents", _perceiver_scenario([768] * 4, latents=False), ci=False))
+                        ci=B16))
+    out.append(Scenario("perceiver/12x64 x4/no latents", _perceiver_scenario([768] * 4, latents=False)))
     return out if full else [s for s in out if s.ci]
 
 
@@ -634,10 +660,10 @@ def capture(full: bool = False, archs: Iterable[int] = (90, 80), dtypes: Iterabl
         rec = Recorder([arch])
         with _gpu_facts(ARCHS[arch].sms), rec.patched(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for sc in scenarios(full):
+            for sc in scenarios(full or bool(only)):
                 if only and only not in sc.name:
                     continue
-                for dt in dtypes:
+                for dt in [d for d in dtypes if full or only or d in sc.ci]:
                     rec.scenario = f"{sc.name}/{dt}"
                     try:
                         sc.fn(tdt[dt])
@@ -748,8 +774,7 @@ def compile_launch(rec: dict, keep_asm: Path | None = None) -> dict:
     res["tensor_cores"] = tensor_core_counts(ptx)
     res["dots"] = dot_kinds(ttir)
     res["mma"] = mma_replication(ttgir)
-    loads = loop_loads(ptx, rec["arg_names"])
-    res["loop_loads"] = summarize_loads(loads)
+    res["loop_loads"] = summarize_loads(global_loads(ptx, rec["arg_names"]))
     if keep_asm is not None:
         stem = f"{qual}-{compile_key(rec)[:12]}"
         keep_asm.mkdir(parents=True, exist_ok=True)
@@ -846,7 +871,10 @@ def variant_label(rec: dict) -> str:
     ones = [n for n, v in consts.items() if not n.isupper() and v == 1]
     div = {names[p[0]] for p, a in rec["attrs"] if a}
     ints = [n + ("/16" if n in div else "") for n, t in rec["signature"].items() if t in ("i32", "i64")]
-    spec = " ".join(ints) + (f" ==1: {','.join(ones)}" if ones else "")
+    unaligned = [n for p, a in rec["attrs"] for n in [names[p[0]]]
+                 if not a and str(rec["signature"][n]).startswith("*")]
+    spec = " ".join(ints) + (f" ==1: {','.join(ones)}" if ones else "") + (
+        f" unaligned: {','.join(unaligned)}" if unaligned else "")
     return f"{rec['kernel'].split(':')[1]} {launch_dtype(rec['signature'])} {' '.join(bits)} [{spec}]"
 
 
@@ -855,46 +883,56 @@ def config_label(cfg: dict) -> str:
     return " ".join(main + [f"w{cfg.get('num_warps')}", f"s{cfg.get('num_stages')}"])
 
 
-def analyse(captured: dict, results: dict[str, dict]) -> dict:
+SKIPPED = {"ok": None, "skipped": True}
+
+
+def analyse(captured: dict, results: dict[str, dict], dead_configs: bool = True) -> dict:
     """Group compiled configs into launch variants and decide the verdicts.
 
     - config: passes when it compiles and breaks no rule;
     - variant (kernel, signature, specialisation, non-config constexprs, arch): passes when at
       least one of its kept configs passes;
-    - dead config: a config (kernel, config values, arch) that fails in every variant that
-      keeps it -- it can never be picked safely and should be dropped by the kernel owner.
+    - dead config (``dead_configs``, needs every config compiled): an autotune config
+      (kernel, config values, arch) that fails in every variant that keeps it -- it can
+      never be picked safely and should be dropped by the kernel owner.
     The gate passes when nothing failed to capture or compile, every variant passes and no
-    config is dead."""
+    config is dead. Configs missing from ``results`` (lazy mode) are reported as skipped."""
     variants: dict[str, dict] = {}
     for rec in captured["records"]:
         vk = variant_key(rec)
         v = variants.setdefault(vk, {"key": vk, "arch": rec["arch"], "kernel": rec["kernel"].split(":")[1],
                                      "dtype": launch_dtype(rec["signature"]), "label": variant_label(rec),
                                      "autotuned": rec["autotuned"], "configs": {}, "scenarios": set(),
-                                     "grids": set()})
+                                     "grids": set(), "autotune_keys": set()})
         v["scenarios"].add(rec["scenario"])
         v["grids"].add(tuple(rec["grid"]))
+        if rec["autotune_key"]:
+            v["autotune_keys"].add(json.dumps(rec["autotune_key"], sort_keys=True))
         ck = compile_key(rec)
         if ck not in v["configs"]:
-            res = results[ck]
+            res = results.get(ck, SKIPPED)
             v["configs"][ck] = {"config": rec["config"], "label": config_label(rec["config"]), "result": res,
-                                "failures": config_failures(rec, res)}
+                                "index": rec["config_index"],
+                                "failures": [] if res.get("skipped") else config_failures(rec, res)}
     per_config: dict[tuple, list[bool]] = defaultdict(list)
-    rows = []
+    out = []
     for v in variants.values():
-        v["pass"] = any(not c["failures"] for c in v["configs"].values())
+        v["configs"] = dict(sorted(v["configs"].items(), key=lambda kv: kv[1]["index"]))
+        v["pass"] = any(not c["failures"] and not c["result"].get("skipped") for c in v["configs"].values())
         v["scenarios"] = sorted(v["scenarios"])
         v["grids"] = sorted(v["grids"])
-        for c in v["configs"].values():
-            per_config[(v["kernel"], v["arch"], c["label"])].append(not c["failures"])
-        rows.append(v)
+        v["autotune_keys"] = sorted(v["autotune_keys"])
+        if v["autotuned"]:
+            for c in v["configs"].values():
+                per_config[(v["kernel"], v["arch"], c["label"])].append(not c["failures"])
+        out.append(v)
     dead = sorted([{"kernel": k, "arch": a, "config": lab, "variants": len(ok)}
                    for (k, a, lab), ok in per_config.items() if not any(ok)],
-                  key=lambda d: (d["arch"], d["kernel"], d["config"]))
+                  key=lambda d: (d["arch"], d["kernel"], d["config"])) if dead_configs else None
     compile_errors = [(v["label"], c["label"], c["result"].get("error", "")[:300])
-                      for v in rows for c in v["configs"].values() if not c["result"].get("ok")]
-    ok = (not captured["capture_errors"] and not compile_errors and all(v["pass"] for v in rows) and not dead)
-    return {"variants": sorted(rows, key=lambda v: (-v["arch"], v["kernel"], v["label"])), "dead_configs": dead,
+                      for v in out for c in v["configs"].values() if c["result"].get("ok") is False]
+    ok = (not captured["capture_errors"] and not compile_errors and all(v["pass"] for v in out) and not dead)
+    return {"variants": sorted(out, key=lambda v: (-v["arch"], v["kernel"], v["label"])), "dead_configs": dead,
             "compile_errors": compile_errors, "capture_errors": captured["capture_errors"], "pass": ok}
 
 
@@ -911,18 +949,23 @@ def _git(repo: Path, *args) -> str:
 
 def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | None = None,
         jobs: int | None = None, dtypes: Iterable[str] = DTYPES, only: str | None = None,
-        keep_asm: str | None = None, log=None) -> dict:
+        keep_asm: str | None = None, lazy: bool | None = None, log=None) -> dict:
     """Capture, compile (cached, ``jobs`` processes) and analyse; returns the report dict.
 
     Runs the capture and the compiles in fresh processes whose ``TRITON_INTERPRET`` is unset
     and whose ``sys.path`` starts with ``repo`` (default: the tree holding this file), so it
-    can be called from a test process in interpreter mode or pointed at another checkout."""
+    can be called from a test process in interpreter mode or pointed at another checkout.
+
+    ``lazy`` (default: on for the CI subset, off for ``full``) compiles each variant's configs
+    in autotune order only until one passes -- the variant verdict is the same, the configs
+    after it are reported as skipped and dead configs are not computed."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     import triton
     repo = Path(repo or ROOT).resolve()
     archs, dtypes = list(archs), list(dtypes)
+    lazy = (not full) if lazy is None else lazy
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     log = log or (lambda *_: None)
     t0 = time.time()
@@ -942,24 +985,46 @@ def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | 
             raise RuntimeError(f"capture failed (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
         captured = json.loads(out.read_text())
     t_capture = time.time() - t0
-    unique = {}
+    unique: dict[str, dict] = {}
+    order: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for rec in captured["records"]:
-        unique.setdefault(compile_key(rec), rec)
-    log(f"captured {len(captured['records'])} launches -> {len(unique)} unique compiles in {t_capture:.1f}s "
-        f"(f2l_kernels from {captured['f2l_kernels']})")
+        ck = compile_key(rec)
+        unique.setdefault(ck, rec)
+        item = (rec["config_index"], ck)
+        vk = variant_key(rec)
+        if item not in order[vk]:
+            order[vk].append(item)
+    order = {vk: [ck for _, ck in sorted(items)] for vk, items in order.items()}
+    log(f"captured {len(captured['records'])} launches -> {len(order)} launch variants, {len(unique)} unique "
+        f"compiles in {t_capture:.1f}s (f2l_kernels from {captured['f2l_kernels']})")
     results: dict[str, dict] = {}
-    todo = []
-    for ck, rec in unique.items():
-        path = cache_dir() / f"{ck}.json"
-        if path.exists() and keep_asm is None:
-            try:
-                results[ck] = {**json.loads(path.read_text()), "cached": True}
-                continue
-            except (OSError, ValueError):
-                pass
-        todo.append((ck, rec))
-    log(f"{len(results)} cached, {len(todo)} to compile with {jobs} processes")
-    if todo:
+    if keep_asm is None:
+        for ck in unique:
+            path = cache_dir() / f"{ck}.json"
+            if path.exists():
+                try:
+                    results[ck] = {**json.loads(path.read_text()), "cached": True}
+                except (OSError, ValueError):
+                    pass
+    n_cached = len(results)
+
+    def next_batch() -> list[str]:
+        if not lazy:
+            return [ck for ck in unique if ck not in results]
+        batch = []
+        for cks in order.values():
+            for ck in cks:
+                if ck not in results:
+                    batch.append(ck)
+                    break
+                if not config_failures(unique[ck], results[ck]):
+                    break
+        return list(dict.fromkeys(batch))
+
+    compiled = 0
+    batch = next_batch()
+    if batch:
+        log(f"{n_cached} cached; compiling with {jobs} processes{' (lazy: until a config passes)' if lazy else ''}")
         saved_env = dict(os.environ)
         os.environ.clear()
         os.environ.update(env)  # spawned workers inherit this environment
@@ -967,24 +1032,28 @@ def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | 
             ctx = mp.get_context("spawn")
             with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                         initargs=(str(repo),)) as ex:
-                futs = {ex.submit(_compile_cached, rec, keep_asm): ck for ck, rec in todo}
-                for n, f in enumerate(cf.as_completed(futs), 1):
-                    ck = futs[f]
-                    try:
-                        results[ck] = f.result()
-                    except Exception as e:
-                        results[ck] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                    if n % 10 == 0 or n == len(todo):
-                        log(f"  compiled {n}/{len(todo)} ({time.time() - t0:.0f}s)")
+                while batch:
+                    futs = {ex.submit(_compile_cached, unique[ck], keep_asm): ck for ck in batch}
+                    for f in cf.as_completed(futs):
+                        ck = futs[f]
+                        try:
+                            results[ck] = f.result()
+                        except Exception as e:
+                            results[ck] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                        compiled += 1
+                        if compiled % 10 == 0:
+                            log(f"  compiled {compiled} ({time.time() - t0:.0f}s)")
+                    batch = next_batch()
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
-    report = analyse(captured, results)
+    report = analyse(captured, results, dead_configs=not lazy)
     report["meta"] = {
         "triton": triton.__version__, "repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"),
         "dirty": bool(_git(repo, "status", "--porcelain", "--", "f2l_kernels")),
         "full": full, "archs": archs, "dtypes": dtypes, "launches": len(captured["records"]),
-        "unique_compiles": len(unique), "compiled_now": len(todo), "seconds": round(time.time() - t0, 1),
+        "unique_compiles": len(unique), "compiled_now": compiled, "cached": n_cached, "lazy": lazy,
+        "variants": len(order), "seconds": round(time.time() - t0, 1),
         "capture_seconds": round(t_capture, 1), "f2l_kernels": captured["f2l_kernels"],
     }
     return report
@@ -1004,10 +1073,11 @@ def rows(report: dict, arch: int) -> list[dict]:
             continue
         for c in v["configs"].values():
             r = c["result"]
-            ok = r.get("ok")
+            ok = bool(r.get("ok"))
             out.append({
                 "arch": f"sm{arch}", "kernel": v["kernel"], "dtype": v["dtype"], "variant": v["label"],
-                "variant_pass": v["pass"], "config": c["label"], "config_pass": not c["failures"],
+                "variant_pass": v["pass"], "config": c["label"],
+                "config_pass": "skipped" if r.get("skipped") else not c["failures"],
                 "failures": "; ".join(c["failures"]),
                 "regs": r.get("regs") if ok else "", "spill_stores": r.get("spill_stores") if ok else "",
                 "spill_loads": r.get("spill_loads") if ok else "", "smem": r.get("smem") if ok else "",
@@ -1025,14 +1095,15 @@ def rows(report: dict, arch: int) -> list[dict]:
 def _jsonable(report: dict, arch: int) -> dict:
     return {"meta": report["meta"], "arch": f"sm{arch}",
             "pass": all(v["pass"] for v in report["variants"] if v["arch"] == arch)
-            and not [d for d in report["dead_configs"] if d["arch"] == arch],
+            and not [d for d in report["dead_configs"] or [] if d["arch"] == arch],
             "variants": [{**{k: v[k] for k in ("kernel", "dtype", "label", "autotuned", "pass", "scenarios")},
                           "grids": [list(g) for g in v["grids"]],
                           "configs": [{"config": c["config"], "label": c["label"], "failures": c["failures"],
                                        "result": {k: x for k, x in c["result"].items() if k != "cached"}}
                                       for c in v["configs"].values()]}
                          for v in report["variants"] if v["arch"] == arch],
-            "dead_configs": [d for d in report["dead_configs"] if d["arch"] == arch],
+            "dead_configs": None if report["dead_configs"] is None else [
+                d for d in report["dead_configs"] if d["arch"] == arch],
             "capture_errors": [e for e in report["capture_errors"] if e["arch"] == arch]}
 
 
@@ -1062,12 +1133,15 @@ def markdown(report: dict) -> str:
     if failing:
         lines += ["", "Failing launch variants (each with the config that fails least):", ""]
         for v in failing:
-            best = min(v["configs"].values(), key=lambda c: len(c["failures"]))
+            best = min((c for c in v["configs"].values() if not c["result"].get("skipped")),
+                       key=lambda c: len(c["failures"]))
             r = best["result"]
             extra = f" regs {r.get('regs')}, smem {r.get('smem')}" if r.get("ok") else ""
             lines.append(f"- sm{v['arch']} `{v['label']}` — best `{best['label']}`{extra}: "
                          f"{'; '.join(best['failures'])}")
-    if report["dead_configs"]:
+    if report["dead_configs"] is None:
+        lines += ["", "Dead configs: not computed (lazy run: each variant's configs compiled until one passes).", ""]
+    elif report["dead_configs"]:
         lines += ["", "Configs that fail in every variant that keeps them (drop them):", ""]
         for d in report["dead_configs"]:
             lines.append(f"- sm{d['arch']} `{d['kernel']}` `{d['config']}` ({d['variants']} variants)")
@@ -1089,6 +1163,16 @@ def write_outputs(report: dict, out_dir: Path):
         w.writerows(rows(report, arch))
         _atomic_write(out_dir / f"{name}.csv", buf.getvalue())
     _atomic_write(out_dir / "summary.md", markdown(report))
+
+
+BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+
+
+def update_docs(report: dict, path: Path):
+    """Replace the table between the markers of docs/aot.md with this report's summary."""
+    text = path.read_text()
+    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+    _atomic_write(path, text[:a] + "\n" + markdown(report) + text[b:])
 
 
 def _capture_main(args):
@@ -1119,15 +1203,19 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default min(2, CPUs))")
     p.add_argument("--only", default=None, help="only scenarios whose name contains this")
     p.add_argument("--keep-asm", default=None, help="also write each compile's TTGIR and PTX here")
+    p.add_argument("--all-configs", action="store_true", help="compile every config even in the CI subset")
+    p.add_argument("--update-docs", action="store_true", help="rewrite the table in docs/aot.md")
     args = p.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     for a in archs:
         if a not in ARCHS:
             p.error(f"--arch: expected some of {sorted(ARCHS)}, got {a}")
     report = run(full=args.full, archs=archs, repo=args.repo, jobs=args.jobs, dtypes=args.dtypes.split(","),
-                 only=args.only, keep_asm=args.keep_asm, log=lambda s: print(s, flush=True))
+                 only=args.only, keep_asm=args.keep_asm, lazy=False if args.all_configs else None, log=lambda s: print(s, flush=True))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "aot"
     write_outputs(report, out)
+    if args.update_docs:
+        update_docs(report, ROOT / "docs" / "aot.md")
     print(markdown(report))
     print(f"wrote {out} in {report['meta']['seconds']}s")
     return 0 if report["pass"] else 1
