@@ -783,10 +783,89 @@ def compile_launch(rec: dict, keep_asm: Path | None = None) -> dict:
     return res
 
 
-def _worker_init(repo: str):
-    os.environ.pop("TRITON_INTERPRET", None)
+class _Workers:
+    """``n`` compile processes (``aot.py _worker``: one JSON record per stdin line, one JSON
+    result per stdout line), fed from a shared queue so the load balances. Plain
+    subprocesses rather than a multiprocessing pool: they run this file as a script, so
+    they work however the caller imported the tool, with ``repo`` first on their path."""
+
+    def __init__(self, n: int, env: dict, repo: Path, keep_asm: str | None):
+        self.n, self.env, self.repo, self.keep_asm = n, env, repo, keep_asm
+        self.logdir = tempfile.mkdtemp(prefix="f2l-aot-")
+        self.procs = [self._start(i) for i in range(n)]
+
+    def _start(self, i):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_worker"]
+        if self.keep_asm:
+            cmd += ["--keep-asm", self.keep_asm]
+        err = open(Path(self.logdir) / f"worker{i}.log", "a")
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=self.env, cwd=str(self.repo))
+
+    def map(self, items: list[tuple[str, dict]], done: Callable[[str, dict], None]):
+        import queue
+        import threading
+        q: queue.Queue = queue.Queue()
+        for it in items:
+            q.put(it)
+        lock = threading.Lock()
+
+        def loop(i):
+            while True:
+                try:
+                    ck, rec = q.get_nowait()
+                except queue.Empty:
+                    return
+                p = self.procs[i]
+                try:
+                    p.stdin.write(json.dumps(rec) + "\n")
+                    p.stdin.flush()
+                    line = p.stdout.readline()
+                except (BrokenPipeError, OSError):
+                    line = ""
+                if line:
+                    res = json.loads(line)
+                else:  # the worker died (e.g. killed for memory): record it, start a new one
+                    tail = (Path(self.logdir) / f"worker{i}.log").read_text()[-1500:]
+                    res = {"ok": False, "error": f"compile worker died (rc {p.poll()}): {tail}"}
+                    self.procs[i] = self._start(i)
+                with lock:
+                    done(ck, res)
+
+        threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            with contextlib.suppress(OSError):
+                p.stdin.close()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _worker_main(keep_asm: str | None):
+    # results go to a private copy of stdout; anything the compiler prints goes to stderr
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.path.insert(0, os.getcwd())
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    sys.path.insert(0, repo)
+    for line in sys.stdin:
+        rec = json.loads(line)
+        try:
+            res = _compile_cached(rec, keep_asm)
+        except Exception as e:
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        out.write(json.dumps(res) + "\n")
+        out.flush()
 
 
 def _compile_cached(rec: dict, keep_asm: str | None) -> dict:
@@ -959,9 +1038,6 @@ def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | 
     ``lazy`` (default: on for the CI subset, off for ``full``) compiles each variant's configs
     in autotune order only until one passes -- the variant verdict is the same, the configs
     after it are reported as skipped and dead configs are not computed."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     import triton
     repo = Path(repo or ROOT).resolve()
     archs, dtypes = list(archs), list(dtypes)
@@ -1025,28 +1101,16 @@ def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | 
     batch = next_batch()
     if batch:
         log(f"{n_cached} cached; compiling with {jobs} processes{' (lazy: until a config passes)' if lazy else ''}")
-        saved_env = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(env)  # spawned workers inherit this environment
-        try:
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                        initargs=(str(repo),)) as ex:
-                while batch:
-                    futs = {ex.submit(_compile_cached, unique[ck], keep_asm): ck for ck in batch}
-                    for f in cf.as_completed(futs):
-                        ck = futs[f]
-                        try:
-                            results[ck] = f.result()
-                        except Exception as e:
-                            results[ck] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                        compiled += 1
-                        if compiled % 10 == 0:
-                            log(f"  compiled {compiled} ({time.time() - t0:.0f}s)")
-                    batch = next_batch()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved_env)
+        with _Workers(jobs, env, repo, keep_asm) as pool:
+            while batch:
+                def done(ck, res):
+                    nonlocal compiled
+                    results[ck] = res
+                    compiled += 1
+                    if compiled % 10 == 0:
+                        log(f"  compiled {compiled} ({time.time() - t0:.0f}s)")
+                pool.map([(ck, unique[ck]) for ck in batch], done)
+                batch = next_batch()
     report = analyse(captured, results, dead_configs=not lazy)
     report["meta"] = {
         "triton": triton.__version__, "repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"),
@@ -1139,6 +1203,16 @@ def markdown(report: dict) -> str:
             extra = f" regs {r.get('regs')}, smem {r.get('smem')}" if r.get("ok") else ""
             lines.append(f"- sm{v['arch']} `{v['label']}` — best `{best['label']}`{extra}: "
                          f"{'; '.join(best['failures'])}")
+    notes = []
+    for v in report["variants"]:
+        ok = [c for c in v["configs"].values() if c["result"].get("ok") and not c["failures"]]
+        if ok and ok[0]["result"]["loop_loads"].get("scalar_outside_loops"):
+            args = ok[0]["result"]["loop_loads"]["scalar_outside_args"]
+            notes.append(f"- sm{v['arch']} `{v['label']}` `{ok[0]['label']}`: "
+                         + ", ".join(f"{a} x{n}" for a, n in sorted(args.items())))
+    if notes:
+        lines += ["", "Passing variants whose passing config still has scalar (<= 2-byte) global loads "
+                  "outside loops (not judged; worth a look on decode paths):", ""] + notes
     if report["dead_configs"] is None:
         lines += ["", "Dead configs: not computed (lazy run: each variant's configs compiled until one passes).", ""]
     elif report["dead_configs"]:
@@ -1183,6 +1257,9 @@ def _capture_main(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:
+        _worker_main(argv[2] if argv[1:2] == ["--keep-asm"] else None)
+        return 0
     if argv[:1] == ["_capture"]:
         p = argparse.ArgumentParser(prog="aot.py _capture")
         p.add_argument("--out", required=True)
