@@ -170,7 +170,8 @@ def dot_kinds(ttir: str) -> list[dict]:
             continue
         prec = re.search(r"inputPrecision\s*=\s*(\w+)", line)
         ty = re.search(r":\s*tensor<[\dx]+x(\w+)[,>]", line)
-        out.append({"operand": ty.group(1) if ty else "?", "precision": prec.group(1) if prec else "tf32"})
+        # Triton prints inputPrecision only when it is not the default, IEEE
+        out.append({"operand": ty.group(1) if ty else "?", "precision": prec.group(1) if prec else "ieee"})
     return out
 
 

@@ -93,11 +93,13 @@ def test_mma_replication_inline_layout():
 def test_dot_kinds_and_fp32_ieee_exemption():
     ttir = ("%0 = tt.dot %a, %b, %c, inputPrecision = ieee : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32>\n"
             "%1 = tt.dot %a, %b, %c : tensor<16x16xbf16> * tensor<16x16xbf16> -> tensor<16x16xf32>\n"
-            "%2 = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32>\n")
+            "%2 = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32>\n"
+            # IEEE is the default and is not printed
+            "%3 = tt.dot %a, %b, %c : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32> loc(#loc1)\n")
     kinds = aot.dot_kinds(ttir)
-    assert kinds == [{"operand": "f32", "precision": "ieee"}, {"operand": "bf16", "precision": "tf32"},
-                     {"operand": "f32", "precision": "tf32"}]
-    assert [aot.needs_tensor_cores(k) for k in kinds] == [False, True, True]
+    assert kinds == [{"operand": "f32", "precision": "ieee"}, {"operand": "bf16", "precision": "ieee"},
+                     {"operand": "f32", "precision": "tf32"}, {"operand": "f32", "precision": "ieee"}]
+    assert [aot.needs_tensor_cores(k) for k in kinds] == [False, True, True, False]
 
 
 def test_tensor_core_counts():
