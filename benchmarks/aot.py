@@ -693,6 +693,7 @@ def _atomic_write(path: Path, text: str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -1115,6 +1116,7 @@ def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | 
     report = analyse(captured, results, dead_configs=not lazy)
     report["meta"] = {
         "triton": triton.__version__, "repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"),
+        "kernels_commit": _git(repo, "log", "-1", "--format=%H", "--", "f2l_kernels"),
         "dirty": bool(_git(repo, "status", "--porcelain", "--", "f2l_kernels")),
         "full": full, "archs": archs, "dtypes": dtypes, "launches": len(captured["records"]),
         "unique_compiles": len(unique), "compiled_now": compiled, "cached": n_cached, "lazy": lazy,
@@ -1176,7 +1178,8 @@ def markdown(report: dict) -> str:
     """The summary committed into docs/aot.md: per arch and kernel, variants passing, and one
     line per failing variant with its best config's reasons."""
     m = report["meta"]
-    lines = [f"Triton {m['triton']}, f2l commit `{m['commit'][:12]}`{' (kernels modified)' if m['dirty'] else ''}, "
+    lines = [f"Triton {m['triton']}, f2l commit `{m['commit'][:12]}` (f2l_kernels last changed in "
+             f"`{m.get('kernels_commit', '')[:12]}`){' with uncommitted kernel changes' if m['dirty'] else ''}, "
              f"{'full sweep' if m['full'] else 'CI subset'}: {m['launches']} recorded launches, "
              f"{m['unique_compiles']} unique compiles, {len(report['variants'])} launch variants. "
              f"Gate: **{'PASS' if report['pass'] else 'FAIL'}**.", ""]
