@@ -1118,7 +1118,7 @@ def run(full: bool = False, archs: Iterable[int] = (90, 80), repo: str | Path | 
         "triton": triton.__version__, "repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"),
         "kernels_commit": _git(repo, "log", "-1", "--format=%H", "--", "f2l_kernels"),
         "dirty": bool(_git(repo, "status", "--porcelain", "--", "f2l_kernels")),
-        "full": full, "archs": archs, "dtypes": dtypes, "launches": len(captured["records"]),
+        "full": full, "only": only, "archs": archs, "dtypes": dtypes, "launches": len(captured["records"]),
         "unique_compiles": len(unique), "compiled_now": compiled, "cached": n_cached, "lazy": lazy,
         "variants": len(order), "seconds": round(time.time() - t0, 1),
         "capture_seconds": round(t_capture, 1), "f2l_kernels": captured["f2l_kernels"],
@@ -1180,7 +1180,8 @@ def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [f"Triton {m['triton']}, f2l commit `{m['commit'][:12]}` (f2l_kernels last changed in "
              f"`{m.get('kernels_commit', '')[:12]}`){' with uncommitted kernel changes' if m['dirty'] else ''}, "
-             f"{'full sweep' if m['full'] else 'CI subset'}: {m['launches']} recorded launches, "
+             f"{'full sweep' if m['full'] else 'CI subset'}{' filtered by --only ' + repr(m['only']) if m.get('only') else ''}: "
+             f"{m['launches']} recorded launches, "
              f"{m['unique_compiles']} unique compiles, {len(report['variants'])} launch variants. "
              f"Gate: **{'PASS' if report['pass'] else 'FAIL'}**.", ""]
     lines += ["| arch | kernel | dtype | variants | pass | configs/variant | failing rules (configs) |",
