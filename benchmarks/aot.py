@@ -471,8 +471,16 @@ def _gpu_facts(sms: int):
 
     import torch
 
-    import f2l_kernels  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import f2l_kernels
     from f2l_kernels import _backend
+    # launchers import their kernel modules lazily: load them all first so every helper is
+    # patched before the first launch
+    for info in pkgutil.walk_packages(f2l_kernels.__path__, "f2l_kernels."):
+        with contextlib.suppress(Exception):
+            importlib.import_module(info.name)
     saved = []
 
     def setattr_saved(obj, name, value):
