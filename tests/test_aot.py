@@ -244,6 +244,22 @@ def test_variant_and_dead_config_verdicts():
     assert rep["pass"] and rep["dead_configs"] is None
 
 
+def test_gpu_facts_patch_every_sm_count_helper():
+    """Every SM-count helper in f2l_kernels (including lazily imported kernel modules) and
+    torch.cuda.get_device_properties report the target GPU's SMs during capture, and are
+    restored afterwards."""
+    import torch
+
+    with aot._gpu_facts(132):
+        assert torch.cuda.get_device_properties(0).multi_processor_count == 132
+        mods = {n: m for n, m in sys.modules.items() if n.startswith("f2l_kernels.") and m is not None}
+        assert "f2l_kernels.perceiver.triton" in mods and "f2l_kernels.lora.triton" in mods
+        helpers = [getattr(m, h) for m in mods.values() for h in ("_num_sms", "num_sms", "_sm_count")
+                   if callable(getattr(m, h, None))]
+        assert helpers and all(h(torch.device("cpu")) == 132 for h in helpers)
+    assert all(getattr(m, "_num_sms", lambda d: 0)(torch.device("cpu")) != 132 for m in mods.values())
+
+
 # ----------------------------------------------------------------------------- the gate
 
 
