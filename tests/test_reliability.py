@@ -382,7 +382,7 @@ def test_non_utf8_manifest_names_file_and_line(work, tmp_path, capsys):
     from f2l.data.manifest import ManifestError, read_manifest
 
     m = tmp_path / "bad.jsonl"
-    m.write_bytes(b'{"id": "a", "video_path": "v.mp4", "prompt": "p"}\n{"id": "b\xff\xfe", "video_path": "v"}\n')
+    m.write_bytes(b'{"id": "a", "video_path": "v.mp4", "prompt": "p", "target_text": "t"}\n{"id": "b\xff\xfe", "video_path": "v"}\n')
     with pytest.raises(ManifestError, match=r"bad\.jsonl:2: .*UTF-8"):
         read_manifest(m)
     code, _, err = run(["train", "--manifest", m, "--steps", "1", "--out", tmp_path / "t", "--no-progress"], capsys)
@@ -412,10 +412,12 @@ def test_lora_linear_blames_lora_b_for_a_wrong_d_out():
         lora_linear(x, w, None, a, b, LoraBatch.build([3], [0]))
 
 
-def test_lm_forward_accepts_video_adapters(base):
+def test_lm_forward_accepts_video_adapters():
     from f2l.hypernet import Frames2LoRAHypernet, HypernetConfig
     from f2l.model import Frames2LoRA
+    from f2l.presets import load_base
 
+    base = load_base("tiny")  # its own copy: a Frames2LoRA patches the base it is given
     m = Frames2LoRA.from_pretrained(base, hypernet=Frames2LoRAHypernet(HypernetConfig.tiny(base)))
     ad = _adapter(base)
     ids = torch.randint(0, 50, (3, 5))
