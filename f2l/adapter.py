@@ -196,8 +196,8 @@ class VideoAdapter:
         if self.base_fingerprint and base_fingerprint and self.base_fingerprint != base_fingerprint:
             made = self.metadata.get("base")
             made = f"{made!r} (fingerprint {self.base_fingerprint})" if isinstance(made, str) and made \
-                else f"fingerprint {self.base_fingerprint}"
-            have = f"{base_name!r} (fingerprint {base_fingerprint})" if base_name else f"fingerprint {base_fingerprint}"
+                else repr(self.base_fingerprint)
+            have = f"{base_name!r} (fingerprint {base_fingerprint})" if base_name else repr(base_fingerprint)
             raise ValueError(
                 f"{what}: this adapter was made for base model {made} but the base model is {have}; "
                 f"adapters only work on the base model whose hidden states produced them"

@@ -369,8 +369,14 @@ def _internalize_run(args) -> int:
                     for v in args.videos]
     else:
         adapters = model.internalize(list(args.videos), args.instruction, batch_size=args.batch_size)
+    names = _adapter_names(list(args.videos))
+    for v, ad in zip(args.videos, adapters):  # nothing is written when any adapter is unusable
+        try:
+            ad.check_finite()
+        except ValueError as e:
+            raise CommandError(f"the adapter of {v!r} is unusable ({e}); is the hypernetwork damaged?") from None
     os.makedirs(out, exist_ok=True)
-    for name, ad in zip(_adapter_names(list(args.videos)), adapters):
+    for name, ad in zip(names, adapters):
         path = os.path.join(out, name)
         ad.save(path)
         print(f"{path}  (rank {ad.rank}, {ad.num_frames} frames)")

@@ -584,12 +584,21 @@ def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, conf
     # The recorded base is what the weights were trained on, never a guessed preset:
     # presets carry random weights.
     base_name = base or official_base or "unknown"
-    net.save_pretrained(out)
     hc = net.config
     cfg = F2LConfig(base=base_name, hypernet=hc, target_modules=tuple(hc.target_modules), max_frames=12,
                     metadata={"converted_from": os.path.basename(os.fspath(path)),
                               "official_base_model_name_or_path": official_base})
-    cfg.save(out / "f2l_config.json")
+    if out.is_dir() and os.listdir(out) and not (out / "config.json").is_file():
+        raise ValueError(f"out_dir: {str(out)!r} exists and holds files that are not an f2l hypernetwork; "
+                         "choose a new or empty directory")
+
+    def write(tmp: str) -> None:
+        net.save_pretrained(tmp)
+        cfg.save(Path(tmp) / "f2l_config.json")
+
+    from f2l.config import atomic_dir
+
+    atomic_dir(out, write)  # the directory appears complete or not at all
     return {"out_dir": str(out), "base": base_name, "official_base": official_base,
             "preset": suggested_base(official_base),
             "num_layers": hc.num_layers, "hidden_size": hc.hidden_size, "rank": hc.rank,

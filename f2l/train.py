@@ -664,7 +664,7 @@ def _prune_checkpoints(ckdir: str, current: str, step: int, keep: int) -> None:
     names = [d for d in os.listdir(ckdir) if _checkpoint_step(d) >= 0 and os.path.isdir(os.path.join(ckdir, d))]
     older = sorted((d for d in names if d != current and _checkpoint_step(d) <= step), key=_checkpoint_step)
     stale = [d for d in names if d != current and _checkpoint_step(d) > step]
-    drop = stale + (older[:len(older) - (keep - 1)] if keep else [])
+    drop = stale + (older[:max(0, len(older) - (keep - 1))] if keep else [])
     for d in drop:
         shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
 
@@ -1136,9 +1136,9 @@ def train(cfg: TrainConfig) -> dict:
         hdir = os.path.join(cfg.out_dir, "hypernet")
         if trainer.rank == 0:
             if hasattr(model, "save_hypernet"):
-                model.save_hypernet(hdir)
+                _atomic_dir(hdir, model.save_hypernet)
             else:
-                model.hypernet.save_pretrained(hdir)
+                _atomic_dir(hdir, model.hypernet.save_pretrained)
             _write_json_atomic(os.path.join(cfg.out_dir, "train_config.json"), cfg.to_dict())
         return {
             "steps": trainer.step,

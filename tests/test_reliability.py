@@ -128,6 +128,17 @@ def test_retention_is_by_step_and_never_deletes_latest(tmp_path):
     assert sorted(["step-10000000", "step-9999999"], key=tr._checkpoint_step)[-1] == "step-10000000"
 
 
+def test_prune_keeps_what_it_should(tmp_path):
+    from f2l import train as tr
+
+    for s in (1, 2, 3, 10):
+        (tmp_path / f"step-{s:07d}").mkdir()
+    tr._prune_checkpoints(str(tmp_path), "step-0000010", 10, 5)  # fewer than keep: nothing goes
+    assert len(os.listdir(tmp_path)) == 4
+    tr._prune_checkpoints(str(tmp_path), "step-0000002", 2, 2)  # resumed at 2: 3 and 10 are its dead future
+    assert sorted(os.listdir(tmp_path)) == ["step-0000001", "step-0000002"]
+
+
 def test_resume_tolerates_a_truncated_metrics_line_and_names_a_bad_one(tmp_path):
     from f2l import train as tr
 
