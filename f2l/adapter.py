@@ -390,7 +390,8 @@ class VideoAdapter:
         patched). ``lora_alpha`` is chosen so that PEFT's ``lora_alpha / r`` equals
         ``scale`` exactly (otherwise ``scale`` is folded into B and ``lora_alpha = r``).
         ``target_modules`` is a full-match pattern, so same-named modules of a vision tower
-        are never touched.
+        are never touched. The directory appears atomically (built beside it, then renamed);
+        it may replace an earlier PEFT export, never a directory holding anything else.
         """
         directory = os.fspath(directory)
         _check_replaceable(directory)
