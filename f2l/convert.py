@@ -63,7 +63,6 @@ import dataclasses
 import io
 import math
 import os
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -190,12 +189,16 @@ def _torch_load(source, what: str):
             return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         msg = str(e)
-        if isinstance(e, pickle.UnpicklingError) or "WeightsUnpickler error:" in msg or "weights_only" in msg:
-            # never repeat torch's advice to retry with unsafe unpickling
-            found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", msg)))
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", msg)))
+        if found or "Unsupported global" in msg:
             raise ValueError(f"{what}: contains Python objects that f2l will not unpickle (only tensors and plain "
                              f"containers are read, nothing is executed)"
                              + (f"; it references {', '.join(found[:4])}" if found else "")) from None
+        if "WeightsUnpickler error:" in msg:  # keep the cause, not torch's advice to unpickle unsafely
+            msg = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+            msg = "refused by the safe loader: " + msg
+        elif "weights_only" in msg:  # torch's advice to load unsafely is never repeated
+            msg = "refused by the safe loader"
         msg = " ".join(msg.split())
         if len(msg) > 240:
             msg = msg[:240] + "..."
