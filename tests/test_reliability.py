@@ -5,7 +5,6 @@ the owner's pid), non-finite tensors are refused at load, nothing is unpickled, 
 loses or duplicates work, and every user error is one line with exit code 2.
 """
 import json
-import math
 import os
 import subprocess
 import sys
