@@ -26,7 +26,8 @@ the same images.
     python benchmarks/bench_end_to_end.py --quick             # tiny preset on CPU, seconds
     f2l bench [--quick]                                       # the same
 
-Writes ``benchmarks/results/end_to_end[_quick].json|csv`` and PNG plots (TTFT vs frames,
+Writes ``benchmarks/results/end_to_end[_quick].json|csv`` under the current directory
+(or ``--out DIR``), never into the installed source tree, and PNG plots (TTFT vs frames,
 speed-up vs frames, amortised cost vs questions).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ if HERE not in sys.path:
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-from _common import RESULTS_DIR, bench_env, plot_lines, sync, time_fn, write_results  # noqa: E402
+from _common import bench_env, plot_lines, sync, time_fn, write_results  # noqa: E402
 
 QUESTION = "What happens in the video, and what colour is the car that appears first?"
 QUESTIONS_PER_VIDEO = (1, 2, 4, 8, 16, 32, 64)
@@ -381,9 +382,16 @@ def parse_args(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=["questions", "resolution", "serving", "training"])
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="results directory (default ./benchmarks/results under the "
+                                              "current directory)")
     p.add_argument("--name", default=None, help="results file stem (default end_to_end or end_to_end_quick)")
     return p.parse_args(argv)
+
+
+def results_dir(out: str | None) -> str:
+    """Where results go: ``--out``, else ``benchmarks/results`` under the current directory
+    (the source tree's own folder only when run from the checkout's root)."""
+    return os.path.abspath(out if out else os.path.join("benchmarks", "results"))
 
 
 def main(argv=None) -> dict:
@@ -413,7 +421,7 @@ def main(argv=None) -> dict:
         name = args.name or "end_to_end"
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    out_dir = os.path.abspath(args.out) if args.out else RESULTS_DIR
+    out_dir = results_dir(args.out)
     from tqdm.auto import tqdm
 
     rows, amortised, serving, training = [], [], [], []

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from f2l.config import atomic_save_safetensors, atomic_write_text
+from f2l.config import atomic_dir, atomic_save_safetensors, atomic_write_text, check_finite
 
 __all__ = ["VideoAdapter", "FORMAT", "DEFAULT_LAYERS_PATH", "default_module_path"]
 
@@ -185,18 +185,29 @@ class VideoAdapter:
         return self._replace(lora_a={m: t.to(device=device, dtype=dtype) for m, t in self.lora_a.items()},
                              lora_b={m: t.to(device=device, dtype=dtype) for m, t in self.lora_b.items()})
 
-    def check_base(self, base_fingerprint: str | None, *, what: str = "base_fingerprint") -> None:
-        """Raise ValueError when this adapter was made for another base model."""
+    def check_base(self, base_fingerprint: str | None, *, what: str = "base_fingerprint",
+                   base_name: str | None = None) -> None:
+        """Raise ValueError when this adapter was made for another base model (``base_name``:
+        the name of the base checked against, for the message)."""
         if base_fingerprint is None:
             return
         if not isinstance(base_fingerprint, str):
             raise TypeError(f"{what}: expected a str, got {type(base_fingerprint).__name__}")
         if self.base_fingerprint and base_fingerprint and self.base_fingerprint != base_fingerprint:
+            made = self.metadata.get("base")
+            made = f"{made!r} (fingerprint {self.base_fingerprint})" if isinstance(made, str) and made \
+                else repr(self.base_fingerprint)
+            have = f"{base_name!r} (fingerprint {base_fingerprint})" if base_name else repr(base_fingerprint)
             raise ValueError(
-                f"{what}: this adapter was made for base model {self.base_fingerprint!r} "
-                f"but the base model is {base_fingerprint!r}; adapters only work on the base model "
-                f"whose hidden states produced them"
+                f"{what}: this adapter was made for base model {made} but the base model is {have}; "
+                f"adapters only work on the base model whose hidden states produced them"
             )
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first factor that holds NaN or Inf."""
+        for name in ("lora_a", "lora_b"):
+            for m, t in getattr(self, name).items():
+                check_finite(f"{name}[{m!r}]", t)
 
     # ------------------------------------------------------------------ persistence
 
@@ -222,11 +233,14 @@ class VideoAdapter:
             "metadata": meta,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file (atomic: temp file + rename)."""
+    def save(self, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> None:
+        """Write a safetensors file (atomic: temp file + rename). Factors holding NaN/Inf are
+        refused (``allow_nonfinite=True`` writes them anyway, for debugging)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise ValueError(f"path: expected a file path, got the directory {path!r}")
+        if not allow_nonfinite:
+            self.check_finite()
         header = self._header()
         tensors = {}
         for m in self.lora_a:
@@ -236,9 +250,10 @@ class VideoAdapter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, base_fingerprint: str | None = None, device=None,
-             dtype: torch.dtype | None = None) -> "VideoAdapter":
+             dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> "VideoAdapter":
         """Read a file written by :meth:`save`. With ``base_fingerprint``, loading an adapter made
-        for another base model raises ValueError."""
+        for another base model raises ValueError. Factors holding NaN/Inf raise ValueError
+        unless ``allow_nonfinite`` (for debugging). Only safetensors: nothing is unpickled."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no adapter file at {path!r}")
@@ -263,12 +278,17 @@ class VideoAdapter:
         want = {f"lora_{ab}.{m}" for m in modules for ab in "ab"}
         if set(tensors) != want:
             raise ValueError(f"path: {path!r} holds tensors {sorted(tensors)}, expected {sorted(want)}")
-        ad = cls(
-            lora_a={m: tensors[f"lora_a.{m}"] for m in modules},
-            lora_b={m: tensors[f"lora_b.{m}"] for m in modules},
-            scale=scale, base_fingerprint=header.get("base_fingerprint", ""), num_frames=num_frames,
-            source=header.get("source", ""), metadata=meta, segments=segments, bias_rank=bias_rank,
-        )
+        try:
+            ad = cls(
+                lora_a={m: tensors[f"lora_a.{m}"] for m in modules},
+                lora_b={m: tensors[f"lora_b.{m}"] for m in modules},
+                scale=scale, base_fingerprint=header.get("base_fingerprint", ""), num_frames=num_frames,
+                source=header.get("source", ""), metadata=meta, segments=segments, bias_rank=bias_rank,
+            )
+            if not allow_nonfinite:
+                ad.check_finite()
+        except (TypeError, ValueError) as e:  # a damaged or foreign file is the user's input, not a bug
+            raise ValueError(f"path: {path!r} is not a valid adapter: {e}") from None
         ad.check_base(base_fingerprint)
         if device is not None or dtype is not None:
             ad = ad.to(device=device, dtype=dtype)
@@ -362,14 +382,17 @@ class VideoAdapter:
             lora_b[m] = torch.cat(b_parts, dim=2)
         for a in parts:
             segments += a.segments if dedupe or not a.bias_rank else a.segments[:-1] + [a.segments[-1] + a.bias_rank]
-        return cls(
+        out = cls(
             lora_a=lora_a, lora_b=lora_b, scale=scale, base_fingerprint=next(iter(fps), ""),
             num_frames=sum(a.num_frames for a in parts),
             source=" + ".join(a.source or "?" for a in parts),
-            metadata={"composed_from": [a.source for a in parts], "weights": [float(w) for w in weights],
-                      "share_bias": bool(dedupe), "bias_scaler": bias_scaler},
+            metadata={**_shared_metadata(parts), "composed_from": [a.source for a in parts],
+                      "weights": [float(w) for w in weights], "share_bias": bool(dedupe),
+                      "bias_scaler": bias_scaler},
             segments=segments, bias_rank=ref.bias_rank if dedupe else 0,
         )
+        out.check_finite()  # finite parts can still overflow (fp16 and large weights)
+        return out
 
     # ------------------------------------------------------------------ PEFT export
 
@@ -387,11 +410,19 @@ class VideoAdapter:
         patched). ``lora_alpha`` is chosen so that PEFT's ``lora_alpha / r`` equals
         ``scale`` exactly (otherwise ``scale`` is folded into B and ``lora_alpha = r``).
         ``target_modules`` is a full-match pattern, so same-named modules of a vision tower
-        are never touched.
+        are never touched. The directory appears atomically (built beside it, then renamed);
+        it may replace an earlier PEFT export, never a directory holding anything else.
         """
         directory = os.fspath(directory)
-        if os.path.isfile(directory):
-            raise ValueError(f"directory: expected a directory path, got the file {directory!r}")
+        _check_replaceable(directory)
+        kw = dict(base_model_name_or_path=base_model_name_or_path, layers_path=layers_path,
+                  module_paths=module_paths, layer_ids=layer_ids, task_type=task_type)
+        files = self._peft_files(**kw)  # validates everything before anything is written
+        atomic_dir(directory, lambda d: self._write_peft(d, files))
+
+    def _peft_files(self, *, base_model_name_or_path, layers_path, module_paths, layer_ids, task_type):
+        """(tensors, config, metadata) of the PEFT directory :meth:`to_peft` writes."""
+        self.check_finite()
         if layers_path is None:
             layers_path = self.metadata.get("layers_path", DEFAULT_LAYERS_PATH)
         if not isinstance(layers_path, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", layers_path):
@@ -446,7 +477,33 @@ class VideoAdapter:
             "inference_mode": True,
             "modules_to_save": None,
         }
-        os.makedirs(directory, exist_ok=True)
         meta = {"format": "pt", "f2l_source": self.source, "f2l_base_fingerprint": self.base_fingerprint}
+        return tensors, config, meta
+
+    @staticmethod
+    def _write_peft(directory: str, files) -> None:
+        """Write :meth:`_peft_files` into an existing (temporary) directory."""
+        tensors, config, meta = files
         atomic_save_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata=meta)
         atomic_write_text(os.path.join(directory, "adapter_config.json"), json.dumps(config, indent=2))
+
+
+_COMPOSED_KEYS = ("composed_from", "weights", "share_bias", "bias_scaler")
+
+
+def _shared_metadata(parts) -> dict:
+    """Metadata every part agrees on (the base, the instruction, module paths, ...): what
+    using the composed adapter needs, so that it works wherever its parts did."""
+    first = {k: v for k, v in parts[0].metadata.items() if k not in _COMPOSED_KEYS}
+    return {k: v for k, v in first.items() if all(k in p.metadata and p.metadata[k] == v for p in parts[1:])}
+
+
+def _check_replaceable(directory: str) -> None:
+    """A PEFT export may replace a previous export, never a directory holding other things."""
+    if os.path.isfile(directory):
+        raise ValueError(f"directory: expected a directory path, got the file {directory!r}")
+    if os.path.isdir(directory):
+        entries = set(os.listdir(directory))
+        if entries and "adapter_config.json" not in entries:
+            raise ValueError(f"directory: {directory!r} exists and holds files that are not a PEFT adapter "
+                             f"({sorted(entries)[:3]}); choose a new or empty directory")

@@ -259,6 +259,7 @@ def _build_model(args, *, need_hypernet: bool = True, target_modules=None):
     the command never runs one)."""
     from f2l.model import Frames2LoRA
 
+    _check_device(args)
     hyper = getattr(args, "hypernet", None) if need_hypernet else None
     if hyper is not None and not os.path.exists(hyper):
         raise CommandError(f"--hypernet {hyper!r} does not exist")
@@ -279,6 +280,20 @@ def _build_model(args, *, need_hypernet: bool = True, target_modules=None):
                       stacklevel=2)
     return Frames2LoRA.from_pretrained(base, hypernet=hyper, preset=getattr(args, "preset", None),
                                        device=args.device, dtype=_dtype(args.dtype))
+
+
+def _check_device(args) -> None:
+    if getattr(args, "device", None) is not None:
+        from f2l.config import check_device
+
+        check_device(args.device, what="--device")
+
+
+def _locked(path: str):
+    """The exclusive lock of one output (f2l.config.OutputLock: a second writer gets a clear error)."""
+    from f2l.config import OutputLock
+
+    return OutputLock(path)
 
 
 def _positive(text: str) -> int:
@@ -354,8 +369,14 @@ def _internalize_run(args) -> int:
                     for v in args.videos]
     else:
         adapters = model.internalize(list(args.videos), args.instruction, batch_size=args.batch_size)
+    names = _adapter_names(list(args.videos))
+    for v, ad in zip(args.videos, adapters):  # nothing is written when any adapter is unusable
+        try:
+            ad.check_finite()
+        except ValueError as e:
+            raise CommandError(f"the adapter of {v!r} is unusable ({e}); is the hypernetwork damaged?") from None
     os.makedirs(out, exist_ok=True)
-    for name, ad in zip(_adapter_names(list(args.videos)), adapters):
+    for name, ad in zip(names, adapters):
         path = os.path.join(out, name)
         ad.save(path)
         print(f"{path}  (rank {ad.rank}, {ad.num_frames} frames)")
@@ -370,6 +391,8 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("questions", nargs="+", metavar="QUESTION", help="questions about the video (one batch)")
     p.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length limit (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="debugging: load an adapter even if it holds NaN/Inf (default: refuse it)")
     _add_model_options(p, hypernet=False)
 
 
@@ -377,11 +400,11 @@ def _ask_run(args) -> int:
     from f2l.adapter import VideoAdapter
 
     _need_file(args.adapter, "adapter")
-    ad = VideoAdapter.load(args.adapter)  # reads the header first: which base to build
+    ad = VideoAdapter.load(args.adapter, allow_nonfinite=args.allow_nonfinite)  # the header says which base
     if args.base is None:
         args.base = ad.metadata.get("base") if isinstance(ad.metadata.get("base"), str) else None
     model = _build_model(args, need_hypernet=False, target_modules=ad.target_modules)
-    ad.check_base(model.base.fingerprint, what="--base")
+    ad.check_base(model.base.fingerprint, what="--base", base_name=model.base.name)
     ad = ad.to(model.device, model.base.dtype)
     answers = model.answer([ad] * len(args.questions), list(args.questions), max_new_tokens=args.max_new_tokens)
     if args.json:
@@ -446,8 +469,9 @@ def _export_peft_run(args) -> int:
 
     _need_file(args.adapter, "adapter")
     _out_dir(args.output)
-    info = export_peft(args.adapter, args.output, base=args.base,
-                       base_model_name_or_path=args.base_model_name_or_path, layers_path=args.layers_path)
+    with _locked(args.output):
+        info = export_peft(args.adapter, args.output, base=args.base,
+                           base_model_name_or_path=args.base_model_name_or_path, layers_path=args.layers_path)
     vllm = info["vllm"]["max_lora_rank"]
     print(f"{info['out_dir']}  (PEFT LoRA: {info['modules']} modules, r={info['rank']}, "
           f"lora_alpha={info['lora_alpha']:g}; vLLM: --enable-lora --max-lora-rank {vllm})")
@@ -485,6 +509,8 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="JSONL manifest (id, video_path, prompt, ...)")
     p.add_argument("--output", required=True, help="predictions JSONL (input rows + prediction); resumed if present")
     p.add_argument("--data-root", default=None, help="root of relative video paths (default: the manifest's dir)")
+    p.add_argument("--confine-to-data-root", action="store_true",
+                   help="refuse rows whose video resolves outside the data root ('..', absolute paths, symlinks)")
     p.add_argument("--split", default=None, help="only rows of this split (default: all)")
     p.add_argument("--batch-size", type=_positive, default=8, help="rows per batch (default: 8)")
     p.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length limit (default: 32)")
@@ -500,11 +526,17 @@ def _infer_run(args) -> int:
     _need_file(args.manifest, "--manifest")
     if os.path.isdir(args.output):
         raise CommandError(f"--output {args.output!r} is a directory; expected a .jsonl file path")
-    model = _build_model(args)
-    label = os.path.basename(os.path.normpath(args.hypernet)) if args.hypernet else None
-    r = run_inference(model, args.manifest, args.output, data_root=args.data_root, split=args.split,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                      instruction=args.instruction, checkpoint=label, progress=not args.no_progress)
+    with _locked(args.output):
+        if args.confine_to_data_root:  # check the manifest before loading any model
+            from f2l.data.manifest import read_manifest
+
+            read_manifest(args.manifest, data_root=args.data_root, split=args.split, confine=True)
+        model = _build_model(args)
+        label = os.path.basename(os.path.normpath(args.hypernet)) if args.hypernet else None
+        r = run_inference(model, args.manifest, args.output, data_root=args.data_root, split=args.split,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                          instruction=args.instruction, checkpoint=label, progress=not args.no_progress,
+                          confine=args.confine_to_data_root)
     print(f"{r['output']}: {r['written']} new predictions, {r['skipped']} already done, {r['errors']} errors "
           f"({r['total']} rows)")
     return EXIT_OK if not r["errors"] else EXIT_INTERNAL
@@ -554,10 +586,12 @@ def _teacher_run(args) -> int:
     _need_file(args.manifest, "--manifest")
     if os.path.isdir(args.output):
         raise CommandError(f"--output {args.output!r} is a directory; expected a .jsonl file path")
-    teacher = load_teacher(args.model, device=args.device, dtype=_dtype(args.dtype))
-    r = run_teacher(teacher, args.manifest, args.output, data_root=args.data_root, split=args.split,
-                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+    _check_device(args)
+    with _locked(args.output):
+        teacher = load_teacher(args.model, device=args.device, dtype=_dtype(args.dtype))
+        r = run_teacher(teacher, args.manifest, args.output, data_root=args.data_root, split=args.split,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+                        progress=not args.no_progress)
     print(f"{r['output']}: {r['filled']} targets generated, {r['resumed']} resumed, {r['kept']} kept "
           f"({r['total']} rows)")
     return EXIT_OK

@@ -189,9 +189,16 @@ def _torch_load(source, what: str):
             return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         msg = str(e)
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", msg)))
+        if found or "Unsupported global" in msg:
+            raise ValueError(f"{what}: contains Python objects that f2l will not unpickle (only tensors and plain "
+                             f"containers are read, nothing is executed)"
+                             + (f"; it references {', '.join(found[:4])}" if found else "")) from None
         if "WeightsUnpickler error:" in msg:  # keep the cause, not torch's advice to unpickle unsafely
             msg = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
             msg = "refused by the safe loader: " + msg
+        elif "weights_only" in msg:  # torch's advice to load unsafely is never repeated
+            msg = "refused by the safe loader"
         msg = " ".join(msg.split())
         if len(msg) > 240:
             msg = msg[:240] + "..."
@@ -580,12 +587,21 @@ def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, conf
     # The recorded base is what the weights were trained on, never a guessed preset:
     # presets carry random weights.
     base_name = base or official_base or "unknown"
-    net.save_pretrained(out)
     hc = net.config
     cfg = F2LConfig(base=base_name, hypernet=hc, target_modules=tuple(hc.target_modules), max_frames=12,
                     metadata={"converted_from": os.path.basename(os.fspath(path)),
                               "official_base_model_name_or_path": official_base})
-    cfg.save(out / "f2l_config.json")
+    if out.is_dir() and os.listdir(out) and not (out / "config.json").is_file():
+        raise ValueError(f"out_dir: {str(out)!r} exists and holds files that are not an f2l hypernetwork; "
+                         "choose a new or empty directory")
+
+    def write(tmp: str) -> None:
+        net.save_pretrained(tmp)
+        cfg.save(Path(tmp) / "f2l_config.json")
+
+    from f2l.config import atomic_dir
+
+    atomic_dir(out, write)  # the directory appears complete or not at all
     return {"out_dir": str(out), "base": base_name, "official_base": official_base,
             "preset": suggested_base(official_base),
             "num_layers": hc.num_layers, "hidden_size": hc.hidden_size, "rank": hc.rank,

@@ -51,14 +51,15 @@ def vllm_max_lora_rank(rank: int) -> int:
                      "compose fewer segments per adapter")
 
 
-def _load_adapter(adapter, base_fingerprint):
+def _load_adapter(adapter, base_fingerprint, base_name=None):
     from f2l.adapter import VideoAdapter
 
-    if isinstance(adapter, VideoAdapter):
-        adapter.check_base(base_fingerprint, what="base")
-        return adapter
     if isinstance(adapter, (str, os.PathLike)):
-        return VideoAdapter.load(adapter, base_fingerprint=base_fingerprint)
+        adapter = VideoAdapter.load(adapter)  # refuses non-finite factors
+    if isinstance(adapter, VideoAdapter):
+        adapter.check_base(base_fingerprint, what="base", base_name=base_name)
+        adapter.check_finite()
+        return adapter
     raise TypeError(f"adapter: expected a VideoAdapter or the path of a saved one, got {type(adapter).__name__}")
 
 
@@ -72,12 +73,20 @@ def export_peft(adapter, out_dir: str | os.PathLike, *, base=None, base_model_na
     checked against its linears. base_model_name_or_path: what ``adapter_config.json``
     records (default: the base's hub id or directory). Returns a summary, also written to
     ``out_dir/f2l_export.json`` (with the vLLM flags that fit the adapter).
+
+    The directory appears atomically: it is written and verified under a temporary name
+    beside ``out_dir`` and renamed into place only when complete, so a failed export leaves
+    no output (and a previous export at ``out_dir`` untouched). Adapters holding NaN/Inf are
+    refused.
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir: expected a str or os.PathLike, got {type(out_dir).__name__}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {str(out)!r} exists and is not a directory")
+    from f2l.adapter import _check_replaceable
+
+    _check_replaceable(str(out))
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path: expected a str, got {type(base_model_name_or_path).__name__}")
     b = None
@@ -85,7 +94,7 @@ def export_peft(adapter, out_dir: str | os.PathLike, *, base=None, base_model_na
         from f2l.presets import load_base
 
         b = load_base(base)
-    ad = _load_adapter(adapter, b.fingerprint if b is not None else None)
+    ad = _load_adapter(adapter, b.fingerprint if b is not None else None, b.name if b is not None else None)
     model = None
     if b is not None:
         from f2l.layers import find_decoder_layers
@@ -99,10 +108,32 @@ def export_peft(adapter, out_dir: str | os.PathLike, *, base=None, base_model_na
             base_model_name_or_path = HUB_IDS.get(name) or (str(Path(name).resolve()) if Path(name).is_dir() else name)
     rank = ad.rank
     max_rank = vllm_max_lora_rank(rank) if rank <= VLLM_MAX_LORA_RANKS[-1] else None
-    ad.to_peft(out, base_model_name_or_path=base_model_name_or_path, layers_path=layers_path,
-               module_paths=module_paths, layer_ids=layer_ids, task_type=task_type)
-    check = verify_peft_dir(out, model=model, adapter=ad)
-    info = {
+    files = ad._peft_files(base_model_name_or_path=base_model_name_or_path, layers_path=layers_path,
+                           module_paths=module_paths, layer_ids=layer_ids, task_type=task_type)
+    info: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        ad._write_peft(tmp, files)
+        check = verify_peft_dir(tmp, model=model, adapter=ad)
+        info.update(_info(ad, base_model_name_or_path, rank, max_rank, check))
+        from f2l.config import atomic_write_text
+
+        atomic_write_text(Path(tmp) / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
+
+    from f2l.config import atomic_dir
+
+    atomic_dir(out, write)
+    if max_rank is None:
+        import warnings
+
+        warnings.warn(f"adapter: rank {rank} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]}); "
+                      "PEFT loads it, vLLM will not", stacklevel=2)
+    info["out_dir"] = str(out)
+    return info
+
+
+def _info(ad, base_model_name_or_path, rank, max_rank, check) -> dict[str, Any]:
+    return {
         "format": "f2l.peft_export",
         "source": ad.source,
         "base_fingerprint": ad.base_fingerprint,
@@ -116,16 +147,6 @@ def export_peft(adapter, out_dir: str | os.PathLike, *, base=None, base_model_na
         "vllm": {"max_lora_rank": max_rank,
                  "note": "serve with --enable-lora --max-lora-rank >= rank; see docs/serving.md"},
     }
-    from f2l.config import atomic_write_text
-
-    atomic_write_text(out / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
-    if max_rank is None:
-        import warnings
-
-        warnings.warn(f"adapter: rank {rank} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]}); "
-                      "PEFT loads it, vLLM will not", stacklevel=2)
-    info["out_dir"] = str(out)
-    return info
 
 
 def _read_config(directory: Path) -> dict:

@@ -7,7 +7,9 @@ together (rows that share a video share its adapter) and all its prompts are ans
 in one KV-cached batch, each with its own adapter.
 
 Resumable: lines are appended and flushed per batch, and a rerun skips every id already
-in the output with a prediction (a line cut off by a crash is dropped and redone). A
+in the output with a prediction (a line cut off by a crash is dropped and redone; an id
+found more than once is kept once, so the output never holds duplicates). One writer per
+output: the CLI holds :class:`f2l.config.OutputLock` on it. A
 video that cannot be read does not stop the run: its rows are written with
 ``"prediction": null`` and ``"error"``, and the next run retries them.
 """
@@ -24,7 +26,7 @@ __all__ = ["run_inference", "read_predictions"]
 
 def read_predictions(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
     """Rows of an existing output file that have a prediction, by id, and how many other
-    lines (errors, a truncated last line) the file held."""
+    lines (errors, a truncated last line, repeats of an id) the file held."""
     path = os.fspath(path)
     done: dict[str, dict] = {}
     dropped = 0
@@ -32,9 +34,13 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
         return done, 0
     if not os.path.isfile(path):
         raise ValueError(f"output: {path!r} exists and is not a file")
-    with open(path, "r", encoding="utf-8") as f:
-        for text in f:
-            s = text.strip()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                s = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"output: {path}:{lineno} is not UTF-8 text; is {path!r} an f2l predictions "
+                                 f"file?") from None
             if not s:
                 continue
             try:
@@ -43,6 +49,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
                 dropped += 1  # a line cut off by an interrupted run
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("id"), str) and isinstance(obj.get("prediction"), str):
+                if obj["id"] in done:
+                    dropped += 1  # written twice (by two writers before outputs were locked)
                 done[obj["id"]] = obj
             else:
                 dropped += 1
@@ -85,8 +93,11 @@ def _internalize_robust(model, paths: list[str], instruction):
 def run_inference(model, manifest: str | os.PathLike, output: str | os.PathLike, *,
                   data_root: str | os.PathLike | None = None, split: str | None = None, batch_size: int = 8,
                   max_new_tokens: int = 32, limit: int | None = None, instruction: str | None = None,
-                  checkpoint: str | None = None, progress: bool = True) -> dict[str, Any]:
+                  checkpoint: str | None = None, progress: bool = True, confine: bool = False) -> dict[str, Any]:
     """Answer the manifest's rows with ``model`` (a :class:`f2l.Frames2LoRA`) into ``output``.
+
+    ``confine``: refuse rows whose video resolves outside ``data_root`` (see
+    :func:`f2l.data.manifest.read_manifest`).
 
     Returns ``{"written", "skipped", "errors", "total", "output"}``.
     """
@@ -104,7 +115,7 @@ def run_inference(model, manifest: str | os.PathLike, output: str | os.PathLike,
     manifest, output = os.fspath(manifest), os.fspath(output)
     if os.path.exists(output) and os.path.exists(manifest) and os.path.samefile(manifest, output):
         raise ValueError(f"output: {output!r} is the input manifest; choose another file")
-    rows = read_manifest(manifest, data_root=data_root, split=split)
+    rows = read_manifest(manifest, data_root=data_root, split=split, confine=confine)
     done, dropped = read_predictions(output)
     if dropped:  # drop error rows / a truncated tail so each id appears once
         _rewrite(output, list(done.values()))

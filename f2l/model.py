@@ -314,7 +314,9 @@ class Frames2LoRA(nn.Module):
 
         adapters: :class:`AdapterTensors` (``lora_a[m] [L, P, r, d_in]``) or None (the base);
         adapter_ids: pool index per row (default ``range(B)``), ``-1``/None, or a list.
-        Differentiable w.r.t. the adapters.
+        Differentiable w.r.t. the adapters. ``adapters`` may also be a list with one entry per
+        row, as :meth:`answer` takes them (a :class:`VideoAdapter`, a list of them, or None;
+        not differentiated, ``adapter_ids`` must be None then).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a tensor [B, T], got "
@@ -324,6 +326,19 @@ class Frames2LoRA(nn.Module):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
                              f"got {tuple(attention_mask.shape)}")
+        if isinstance(adapters, (list, tuple)):
+            if adapter_ids is not None:
+                raise ValueError("adapter_ids: expected None when adapters is a list (one entry per row)")
+            if len(adapters) != input_ids.shape[0]:
+                raise ValueError(f"adapters: expected {input_ids.shape[0]} entries (one per row of input_ids), "
+                                 f"got {len(adapters)}")
+            pool, ids = self._pool(list(adapters))
+            ctx = self.patch.use_pool(pool, ids) if pool is not None else contextlib.nullcontext()
+            with ctx:
+                return self.lm_forward(input_ids, attention_mask)
+        if adapters is not None and not hasattr(adapters, "num_videos"):
+            raise TypeError(f"adapters: expected AdapterTensors, a list of VideoAdapter (one per row) or None, "
+                            f"got {type(adapters).__name__}")
         if adapters is not None and adapter_ids is None:
             if adapters.num_videos != input_ids.shape[0]:
                 raise ValueError(f"adapter_ids: needed when the batch ({input_ids.shape[0]} rows) and the adapters "

@@ -180,7 +180,10 @@ def fingerprint(model) -> str:
     """A stable hash of the text config and a sample of the text weights.
 
     The sample is rounded to bf16 first, so one checkpoint loaded in fp32 or bf16 gives
-    the same fingerprint, while any retrained or different base does not.
+    the same fingerprint, while any retrained or different base does not. fp16 rounds
+    differently (double rounding through fp16 changes some bf16 values), so
+    :func:`load_base` takes the fingerprint of the weights as stored, before casting them to
+    the requested dtype: the fingerprint identifies the weights, never the dtype.
     """
     tc = model.config.text_config.to_dict()
     # Only plain sizes: their serialisation is the same across transformers versions.
@@ -259,13 +262,14 @@ def _build_random(name: str, device: torch.device, dtype) -> BaseVLM:
             torch.manual_seed(TINY_SEED)
             model = SmolVLMForConditionalGeneration(cfg)
         model.to(device=device)
+    fp = fingerprint(model)  # of the weights as built (fp32), whatever dtype they run in
     if dtype is not None:
         model.to(dtype=dtype)
     model = _frozen(model)
     return BaseVLM(
         model=model, tokenizer=tok, name=name, image_size=int(proc["image_size"]),
         tokens_per_frame=int(proc["tokens_per_frame"]), image_mean=tuple(proc["image_mean"]),
-        image_std=tuple(proc["image_std"]), fingerprint=fingerprint(model), max_frames=int(proc["max_frames"]),
+        image_std=tuple(proc["image_std"]), fingerprint=fp, max_frames=int(proc["max_frames"]),
         fps=float(proc["fps"]),
     )
 
@@ -312,8 +316,12 @@ def _load_dir(path: Path, device: torch.device, dtype) -> BaseVLM:
         raise ValueError(f"base: {str(path)!r} is a directory without config.json; expected a SmolVLM2 checkpoint")
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"base: {str(path)!r} has no *.safetensors weights")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = SmolVLMForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    # Loaded as stored and fingerprinted before the cast to ``dtype``: the fingerprint
+    # identifies the weights, not the dtype they run in.
+    model = SmolVLMForConditionalGeneration.from_pretrained(str(path))
+    fp = fingerprint(model)
+    if dtype is not None:
+        model.to(dtype=dtype)
     model.to(device=device)
     if dtype is None:
         # A checkpoint saved in bf16 stays bf16 on GPUs but runs in fp32 on CPUs.
@@ -328,7 +336,7 @@ def _load_dir(path: Path, device: torch.device, dtype) -> BaseVLM:
     return BaseVLM(
         model=model, tokenizer=tok, name=str(path), image_size=int(proc["image_size"]),
         tokens_per_frame=tokens_per_frame(model.config), image_mean=tuple(proc["image_mean"]),
-        image_std=tuple(proc["image_std"]), fingerprint=fingerprint(model), max_frames=int(proc["max_frames"]),
+        image_std=tuple(proc["image_std"]), fingerprint=fp, max_frames=int(proc["max_frames"]),
         fps=float(proc["fps"]),
     )
 

@@ -37,7 +37,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -96,6 +95,7 @@ class TrainConfig:
     # data
     manifest: str | None = None
     data_root: str | None = None
+    confine_data_root: bool = False  # refuse manifest videos that resolve outside data_root
     split: str | None = "train"
     synthetic: int = 0
     instruction: str | None = None
@@ -126,6 +126,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: str | None = None  # a checkpoint dir, an out_dir, or "auto" (latest in out_dir)
+    overwrite: bool = False  # a fresh run may replace an earlier run's outputs in out_dir
     seed: int = 0
     device: str | None = None
     progress: bool = True
@@ -188,6 +189,8 @@ class TrainConfig:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise TypeError(f"out_dir: expected a non-empty str, got {self.out_dir!r}")
+        if not isinstance(self.overwrite, bool):
+            raise TypeError(f"overwrite: expected a bool, got {type(self.overwrite).__name__}")
 
     @property
     def total_steps(self) -> int:
@@ -557,21 +560,9 @@ def _set_rng_state(state: dict) -> None:
 
 def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
     """Build a directory under a temporary name, then move it into place."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old.", dir=parent)
-            os.replace(final, os.path.join(old, "x"))
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from f2l.config import atomic_dir
+
+    atomic_dir(final, write)
 
 
 def save_checkpoint(path: str, *, hypernet: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -630,9 +621,12 @@ def load_checkpoint(path: str, *, hypernet: torch.nn.Module, optimizer: torch.op
     if set(sd) != set(own):
         raise ValueError(f"path: hypernetwork weights do not match the model (missing "
                          f"{sorted(set(own) - set(sd))[:5]}, unexpected {sorted(set(sd) - set(own))[:5]})")
+    from f2l.config import check_finite
+
     for k, v in own.items():
         if sd[k].shape != v.shape:
             raise ValueError(f"path: hypernetwork weight {k!r} has shape {list(sd[k].shape)}, expected {list(v.shape)}")
+        check_finite(f"path: {path!r}: hypernetwork weight {k!r}", sd[k])
     hypernet.load_state_dict(sd)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     if optimizer is not None:
@@ -650,16 +644,75 @@ def latest_checkpoint(out_dir: str) -> str | None:
     p = os.path.join(out_dir, CHECKPOINT_DIR, LATEST)
     if not os.path.isfile(p):
         return None
-    with open(p) as f:
-        name = json.load(f).get("path")
-    full = os.path.join(out_dir, CHECKPOINT_DIR, name) if name else None
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"resume: {p!r} is damaged ({e}); pass the checkpoint directory to --resume") from None
+    name = data.get("path") if isinstance(data, dict) else None
+    full = os.path.join(out_dir, CHECKPOINT_DIR, os.path.basename(name)) if isinstance(name, str) and name else None
     return full if full and os.path.isdir(full) else None
+
+
+def _checkpoint_step(name: str) -> int:
+    """The step of a ``step-NNNNNNN`` checkpoint name (-1 for anything else): retention
+    orders by this number, never by the name."""
+    head, _, num = name.partition("step-")
+    return int(num) if not head and num.isdigit() else -1
+
+
+def _prune_checkpoints(ckdir: str, current: str, step: int, keep: int) -> None:
+    """Keep ``current`` (what latest.json names) and the newest ``keep - 1`` others at or
+    before ``step``; checkpoints past ``step`` belong to a future that a resume from an
+    earlier checkpoint abandoned, as do its metric rows (which resume drops)."""
+    names = [d for d in os.listdir(ckdir) if _checkpoint_step(d) >= 0 and os.path.isdir(os.path.join(ckdir, d))]
+    older = sorted((d for d in names if d != current and _checkpoint_step(d) <= step), key=_checkpoint_step)
+    stale = [d for d in names if d != current and _checkpoint_step(d) > step]
+    drop = stale + (older[:max(0, len(older) - (keep - 1))] if keep else [])
+    for d in drop:
+        shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
+
+
+def _read_metrics(path: str) -> list[dict]:
+    """Rows of ``metrics.jsonl``. A last line cut off by a kill is dropped (its step comes
+    after the newest checkpoint, which is written only once the rows it covers are on disk);
+    a damaged line elsewhere is an error naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    last = max((i for i, x in enumerate(lines) if x.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+                raise ValueError("expected an object with an int 'step'")
+        except ValueError as e:
+            if i == last:
+                import warnings
+
+                warnings.warn(f"{path}:{i + 1}: dropped a truncated metrics row (the run was killed while "
+                              f"writing it; its step is redone)", stacklevel=3)
+                continue
+            raise ValueError(f"{path}:{i + 1}: damaged metrics row ({e}); remove or repair that line") from None
+        rows.append(row)
+    return rows
 
 
 def _write_json_atomic(path: str, obj) -> None:
     from f2l.config import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _append_metrics(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- distributed
@@ -712,11 +765,9 @@ def _resolve_device(device) -> torch.device:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local)
         return torch.device("cpu")
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str):
-        return torch.device(device)
-    raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+    from f2l.config import check_device
+
+    return check_device(device)
 
 
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -930,14 +981,14 @@ class Trainer:
                     self.on_step(self.step, m)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", stage=m["stage"])
-                if is_main and (self.step % cfg.log_every == 0 or self.step == end):
-                    with open(metrics_path, "a") as f:
-                        for p in pending:
-                            f.write(json.dumps(p) + "\n")
+                saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
+                if is_main and (self.step % cfg.log_every == 0 or self.step == end or saving):
+                    # rows reach the disk before any checkpoint that covers them: resume never loses one
+                    _append_metrics(metrics_path, pending)
                     pending = []
                 elif not is_main:
                     pending = []
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                if saving:
                     self.save()
         finally:
             bar.close()
@@ -957,10 +1008,7 @@ class Trainer:
             if os.path.abspath(ckdir) == os.path.abspath(os.path.join(self.cfg.out_dir, CHECKPOINT_DIR)):
                 _write_json_atomic(os.path.join(ckdir, LATEST), {"path": os.path.basename(path), "step": self.step})
                 if self.cfg.keep_checkpoints:
-                    olds = sorted(d for d in os.listdir(ckdir) if d.startswith("step-") and
-                                  os.path.isdir(os.path.join(ckdir, d)))
-                    for d in olds[:-self.cfg.keep_checkpoints]:
-                        shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
+                    _prune_checkpoints(ckdir, os.path.basename(path), self.step, self.cfg.keep_checkpoints)
         if dist is not None:
             dist.barrier()
         return path
@@ -979,12 +1027,13 @@ class Trainer:
         # Drop metric rows from beyond the checkpoint (a run that died after saving).
         mpath = os.path.join(self.cfg.out_dir, METRICS)
         if self.rank == 0 and os.path.isfile(mpath):
-            with open(mpath) as f:
-                rows = [json.loads(x) for x in f if x.strip()]
-            keep = [r for r in rows if r.get("step", 0) <= self.step]
+            by_step: dict[int, dict] = {}
+            for r in _read_metrics(mpath):  # one row per step: the last one written wins
+                if r["step"] <= self.step:
+                    by_step[r["step"]] = r
             from f2l.config import atomic_write_text
 
-            atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_text(mpath, "".join(json.dumps(by_step[k]) + "\n" for k in sorted(by_step)))
         return self.step
 
 
@@ -1022,7 +1071,8 @@ def _synthetic_examples(cfg: TrainConfig, store: VideoStore) -> list[Example]:
 def _manifest_examples(cfg: TrainConfig, store: VideoStore) -> list[Example]:
     from f2l.data.manifest import read_manifest
 
-    rows = read_manifest(cfg.manifest, data_root=cfg.data_root, split=cfg.split, require_target=True)
+    rows = read_manifest(cfg.manifest, data_root=cfg.data_root, split=cfg.split, require_target=True,
+                         confine=cfg.confine_data_root)
     if not rows:
         raise ValueError(f"manifest: no rows with split {cfg.split!r} in {cfg.manifest!r}")
     out = []
@@ -1048,7 +1098,14 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("manifest: expected a manifest path (or synthetic > 0 for synthetic videos), got neither")
     device = _resolve_device(cfg.device)
     created = _maybe_init_distributed(device)
+    lock = None
     try:
+        dist = _dist()
+        if dist is None or dist.get_rank() == 0:  # rank 0 writes out_dir; it alone holds the lock
+            from f2l.config import OutputLock
+
+            lock = OutputLock(cfg.out_dir).acquire()
+            _claim_out_dir(cfg)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -1066,8 +1123,8 @@ def train(cfg: TrainConfig) -> dict:
             where = cfg.out_dir if cfg.resume == "auto" else cfg.resume
             if cfg.resume != "auto" or latest_checkpoint(cfg.out_dir) is not None:
                 resumed = trainer.resume(where)
-        elif trainer.rank == 0 and os.path.isfile(os.path.join(cfg.out_dir, METRICS)):
-            os.remove(os.path.join(cfg.out_dir, METRICS))  # a fresh run starts a fresh log
+            elif trainer.rank == 0 and os.path.isfile(os.path.join(cfg.out_dir, METRICS)):
+                os.remove(os.path.join(cfg.out_dir, METRICS))  # no checkpoint yet: the run restarts at step 1
         t0 = time.perf_counter()
         history = trainer.fit()
         wall = time.perf_counter() - t0
@@ -1075,9 +1132,9 @@ def train(cfg: TrainConfig) -> dict:
         hdir = os.path.join(cfg.out_dir, "hypernet")
         if trainer.rank == 0:
             if hasattr(model, "save_hypernet"):
-                model.save_hypernet(hdir)
+                _atomic_dir(hdir, model.save_hypernet)
             else:
-                model.hypernet.save_pretrained(hdir)
+                _atomic_dir(hdir, model.hypernet.save_pretrained)
             _write_json_atomic(os.path.join(cfg.out_dir, "train_config.json"), cfg.to_dict())
         return {
             "steps": trainer.step,
@@ -1092,10 +1149,34 @@ def train(cfg: TrainConfig) -> dict:
             "out_dir": cfg.out_dir,
         }
     finally:
+        if lock is not None:
+            lock.release()
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+_RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS, "hypernet", "train_config.json")
+
+
+def _claim_out_dir(cfg: TrainConfig) -> None:
+    """A fresh run (no ``resume``) never mixes with an earlier run's outputs: it refuses an
+    out_dir that holds them, unless ``overwrite`` (then they are removed first)."""
+    if cfg.resume or not os.path.isdir(cfg.out_dir):
+        return
+    found = [n for n in _RUN_OUTPUTS if os.path.lexists(os.path.join(cfg.out_dir, n))]
+    if not found:
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"out_dir: {cfg.out_dir!r} holds an earlier training run ({', '.join(found)}); pass "
+                         f"--resume auto to continue it or --overwrite to replace it, or choose another --out")
+    for n in found:
+        p = os.path.join(cfg.out_dir, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
 
 
 # --------------------------------------------------------------------------- CLI hooks
@@ -1112,6 +1193,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("data")
     g.add_argument("--manifest", default=None, help="JSONL manifest (id, video_path, prompt, target_text, ...)")
     g.add_argument("--data-root", default=None, help="root of relative video paths (default: the manifest's dir)")
+    g.add_argument("--confine-to-data-root", dest="confine_data_root", action="store_true",
+                   help="refuse rows whose video resolves outside the data root ('..', absolute paths, symlinks)")
     g.add_argument("--split", default=d.split, help="manifest split to train on (default: %(default)s)")
     g.add_argument("--synthetic", type=int, default=0, help="train on N synthetic videos instead of a manifest")
     g.add_argument("--instruction", default=None, help="internalization instruction")
@@ -1140,6 +1223,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--resume", default=None, help="checkpoint dir, out dir, or 'auto'")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's checkpoints, metrics and hypernet in --out (default: refuse)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false")

@@ -7,7 +7,10 @@ One JSON object per line::
      "dataset": "msrvtt", "split": "train", "metadata": {...}}
 
 ``video_path`` may be absolute or relative; relative paths resolve against the *data
-root* (by default the directory that holds the manifest). ``target_text`` may be empty
+root* (by default the directory that holds the manifest). Paths are taken as written, so
+a manifest can name any file the process may read (``../..``, absolute paths, symlinks);
+for manifests you did not write, ``confine=True`` (``--confine-to-data-root``) refuses
+every row whose video, after resolving ``..`` and symlinks, lies outside the data root. ``target_text`` may be empty
 or null in a manifest that a teacher has not filled yet (:func:`fill_targets`). Blank
 lines and lines starting with ``#`` are skipped. Every parse error names the file and
 the 1-based line number.
@@ -123,6 +126,7 @@ def read_manifest(
     split: str | Sequence[str] | None = None,
     require_target: bool = False,
     check_files: bool = False,
+    confine: bool = False,
 ) -> list[ManifestRow]:
     """Parse a JSONL manifest into :class:`ManifestRow` s.
 
@@ -132,6 +136,8 @@ def read_manifest(
         split: keep only rows of this split (or these splits); ``None`` keeps all.
         require_target: every kept row must have a non-empty ``target_text`` (training).
         check_files: every kept row's video must exist (a directory of frames counts).
+        confine: every row's video must resolve (``..`` and symlinks followed) inside the
+            data root; absolute paths elsewhere are refused too.
 
     Raises:
         FileNotFoundError: the manifest (or, with ``check_files``, a video) is missing.
@@ -154,9 +160,14 @@ def read_manifest(
         splits = None
     rows: list[ManifestRow] = []
     seen: dict[str, int] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            s = text.strip()
+    real_root = os.path.realpath(root)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                s = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ManifestError(path, lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                  f"{e.start + 1}); manifests are UTF-8 JSONL") from None
             if not s or s.startswith("#"):
                 continue
             try:
@@ -164,6 +175,11 @@ def read_manifest(
             except json.JSONDecodeError as e:
                 raise ManifestError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
             row = _parse_row(obj, path, lineno, root, require_target=False)
+            if confine:
+                real = os.path.realpath(row.resolved_video_path())
+                if os.path.commonpath([real, real_root]) != real_root:
+                    raise ManifestError(path, lineno, f"video_path {row.video_path!r} of row {row.id!r} resolves "
+                                                      f"to {real!r}, outside the data root {real_root!r}")
             if row.id in seen:
                 raise ManifestError(path, lineno, f"duplicate id {row.id!r} (first seen on line {seen[row.id]})")
             seen[row.id] = lineno

@@ -53,7 +53,7 @@ def _check_scale(scale, pool_size: int, device: torch.device):
     return float(scale)
 
 
-def _check_common(x, lora_a, lora_b, batch):
+def _check_common(x, lora_a, lora_b, batch, weight=None):
     """Shared guards; returns (x as rows [N, d_in], leading shape, P, r_max, d_in, d_out)."""
     check_tensor("x", x, dtype=FLOAT_DTYPES)
     if x.dim() < 1:
@@ -65,12 +65,17 @@ def _check_common(x, lora_a, lora_b, batch):
     if not isinstance(batch, LoraBatch):
         raise TypeError(f"batch: expected a LoraBatch (LoraBatch.build(...)), got {type(batch).__name__}")
     P, r_max, d_in = lora_a.shape
-    d_out = lora_b.shape[1]
+    d_out = None
+    if weight is not None:  # lora_linear: the base layer fixes d_out, so a wrong lora_b is lora_b's fault
+        check_tensor("weight", weight, ndim=2)
+        d_out = weight.shape[0]
     if x.shape[-1] != d_in:
         raise ValueError(f"x: expected last dim d_in={d_in} (lora_a.shape[2]), got shape {list(x.shape)}")
-    if lora_b.shape[0] != P or lora_b.shape[2] != r_max:
-        raise ValueError(f"lora_b: expected shape [P={P}, d_out, r_max={r_max}] (matching lora_a "
+    if lora_b.shape[0] != P or lora_b.shape[2] != r_max or (d_out is not None and lora_b.shape[1] != d_out):
+        want = "d_out" if d_out is None else f"d_out={d_out} (weight.shape[0])"
+        raise ValueError(f"lora_b: expected shape [P={P}, {want}, r_max={r_max}] (matching lora_a "
                          f"[P, r_max, d_in]), got {list(lora_b.shape)}")
+    d_out = lora_b.shape[1]
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, d_in)
     batch.validate(num_rows=x2.shape[0], pool_size=P, r_max=r_max, device=x.device)
@@ -123,7 +128,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         batch = LoraBatch.build([3, 2], [0, [1, 0]], device=x.device)
         y = lora_linear(x, W, None, A, B, batch, scale=2.0)   # x [5, d_in]
     """
-    x2, lead, P, r_max, d_in, d_out = _check_common(x, lora_a, lora_b, batch)
+    x2, lead, P, r_max, d_in, d_out = _check_common(x, lora_a, lora_b, batch, weight)
     check_tensor("weight", weight, shape=(d_out, d_in))
     check_same("x", x, "weight", weight)
     if weight.requires_grad:
