@@ -346,6 +346,9 @@ def _internalize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long", action="store_true",
                    help="long videos: cut into segments of --segment-frames, one composed adapter per video")
     p.add_argument("--segment-frames", type=_positive, default=None, help="frames per segment with --long")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only this worker's share of the videos: 'i/n' or 'rank' (RANK/WORLD_SIZE of torchrun); "
+                        "n workers with the same arguments cover every video once")
     _add_model_options(p)
 
 
@@ -359,18 +362,30 @@ def _adapter_names(videos: list[str]) -> list[str]:
 
 
 def _internalize_run(args) -> int:
+    from f2l.shard import parse_shard, select
+
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        raise CommandError(f"--{e}") from None
     for v in args.videos:
         if not os.path.exists(v):
             raise CommandError(f"video {v!r} does not exist")
     out = _out_dir(args.output)
+    # names come from the whole list, so every shard names a video as an unsharded run would
+    pairs = select(list(zip(args.videos, _adapter_names(list(args.videos)))),
+                   [os.path.normpath(v) for v in args.videos], shard)
+    videos, names = [v for v, _ in pairs], [n for _, n in pairs]
+    if not videos:
+        print(f"shard {args.shard}: no videos of this shard")
+        return EXIT_OK
     model = _build_model(args)
     if args.long:
         adapters = [model.internalize_long(v, args.instruction, segment_frames=args.segment_frames)
-                    for v in args.videos]
+                    for v in videos]
     else:
-        adapters = model.internalize(list(args.videos), args.instruction, batch_size=args.batch_size)
-    names = _adapter_names(list(args.videos))
-    for v, ad in zip(args.videos, adapters):  # nothing is written when any adapter is unusable
+        adapters = model.internalize(videos, args.instruction, batch_size=args.batch_size)
+    for v, ad in zip(videos, adapters):  # nothing is written when any adapter is unusable
         try:
             ad.check_finite()
         except ValueError as e:
@@ -517,15 +532,44 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive, default=None, help="process at most this many new rows")
     p.add_argument("--instruction", default=None, help="internalization instruction (default: the model's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only this worker's rows: 'i/n' or 'rank' (RANK/WORLD_SIZE of torchrun); writes "
+                        "OUTPUT's stem + .shard-I-of-N.jsonl, resumable on its own")
+    p.add_argument("--merge", type=_positive, default=None, metavar="N",
+                   help="join the N shard files of --output into --output (manifest order, one row per id) "
+                        "and exit")
     _add_model_options(p)
+
+
+def _infer_merge(args) -> int:
+    from f2l.shard import merge_predictions
+
+    with _locked(args.output):
+        try:
+            r = merge_predictions(args.manifest, args.output, args.merge, data_root=args.data_root, split=args.split)
+        except FileNotFoundError as e:
+            raise CommandError(str(e)) from None
+    print(f"{r['output']}: {r['rows']} rows from {args.merge} shards"
+          + (f", {len(r['missing'])} ids not answered yet (first: {r['missing'][0]!r})" if r["missing"] else ""))
+    return EXIT_OK if not r["missing"] else EXIT_INTERNAL
 
 
 def _infer_run(args) -> int:
     from f2l.infer import run_inference
+    from f2l.shard import parse_shard, shard_path
 
     _need_file(args.manifest, "--manifest")
     if os.path.isdir(args.output):
         raise CommandError(f"--output {args.output!r} is a directory; expected a .jsonl file path")
+    if args.merge is not None:
+        if args.shard is not None:
+            raise CommandError("--merge joins finished shards; do not pass --shard with it")
+        return _infer_merge(args)
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        raise CommandError(f"--{e}") from None
+    args.output = shard_path(args.output, shard)
     with _locked(args.output):
         if args.confine_to_data_root:  # check the manifest before loading any model
             from f2l.data.manifest import read_manifest
@@ -536,7 +580,7 @@ def _infer_run(args) -> int:
         r = run_inference(model, args.manifest, args.output, data_root=args.data_root, split=args.split,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           instruction=args.instruction, checkpoint=label, progress=not args.no_progress,
-                          confine=args.confine_to_data_root)
+                          confine=args.confine_to_data_root, shard=shard)
     print(f"{r['output']}: {r['written']} new predictions, {r['skipped']} already done, {r['errors']} errors "
           f"({r['total']} rows)")
     return EXIT_OK if not r["errors"] else EXIT_INTERNAL

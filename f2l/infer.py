@@ -93,8 +93,12 @@ def _internalize_robust(model, paths: list[str], instruction):
 def run_inference(model, manifest: str | os.PathLike, output: str | os.PathLike, *,
                   data_root: str | os.PathLike | None = None, split: str | None = None, batch_size: int = 8,
                   max_new_tokens: int = 32, limit: int | None = None, instruction: str | None = None,
-                  checkpoint: str | None = None, progress: bool = True, confine: bool = False) -> dict[str, Any]:
+                  checkpoint: str | None = None, progress: bool = True, confine: bool = False,
+                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Answer the manifest's rows with ``model`` (a :class:`f2l.Frames2LoRA`) into ``output``.
+
+    ``shard``: ``(i, n)`` -- only the rows of shard ``i`` of ``n`` (:mod:`f2l.shard`; ``total``
+    then counts that shard's rows).
 
     ``confine``: refuse rows whose video resolves outside ``data_root`` (see
     :func:`f2l.data.manifest.read_manifest`).
@@ -116,6 +120,10 @@ def run_inference(model, manifest: str | os.PathLike, output: str | os.PathLike,
     if os.path.exists(output) and os.path.exists(manifest) and os.path.samefile(manifest, output):
         raise ValueError(f"output: {output!r} is the input manifest; choose another file")
     rows = read_manifest(manifest, data_root=data_root, split=split, confine=confine)
+    if shard is not None:
+        from f2l.shard import select
+
+        rows = select(rows, [r.id for r in rows], shard)
     done, dropped = read_predictions(output)
     if dropped:  # drop error rows / a truncated tail so each id appears once
         _rewrite(output, list(done.values()))
