@@ -78,24 +78,42 @@ def _configs(table):
     return [triton.Config({"BLOCK_Q": bq, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bq, bn, w, s in table]
 
 
-# BLOCK_D spans the whole row (next_pow2(Dc)), so at Dc = 512 an fp32 [BQ or BN, BD] tile
-# costs 64 registers per thread per 16 rows at 8 warps. The lists hold the configs that
-# compile for sm_90 at the official sizes (H·M = 128, Dc = 512, bf16) without register
-# spills (checked with ptxas: cuobjdump -res-usage) and fit shared memory; few, because
-# every config is a compile on the first call.
-def _fwd_configs():
-    return _configs([(32, 32, 8, 3), (32, 32, 8, 2), (16, 64, 8, 3), (16, 32, 4, 2), (32, 64, 8, 3)])
+# Tile choice at the official sizes (H·M = 128 query rows, Dc = 512 = BLOCK_D), every table
+# checked by compiling ahead of time for sm_90 and sm_80 at the launch specialisation:
+#  * A [64, 512] fp32 accumulator is 128 registers per thread at 8 warps -- the largest that
+#    fits beside the tiles; 64 rows is also one sm_90 warpgroup MMA (4 warps x 16 rows), so a
+#    64-row operand never has two warpgroups computing the same tile (a 32-row dot at 4+
+#    warps would: wgmma is 64 rows per warpgroup).
+#  * Shared memory must fit sm_80's 163 KB, not only sm_90's 227 KB: every kept config runs
+#    on both, without register spills, so autotuning never meets a config that cannot run.
+#  * 16-bit and fp32 operands get separate lists (two autotuners over one kernel): fp32
+#    tiles are twice the bytes, and the IEEE path (no TF32) runs its dots on FMA units.
+# Few configs, because every config is a compile on the first call.
+_KEY = ["HM", "DC"]
+
+# Forward: queries [BQ, BD] stay resident, context tiles [BN, BD] stream through. Its two
+# products are chained (the scores feed the accumulation), and a chained pair gets all its
+# warps along one axis ([1, W] here, since BQ < Dc): BN >= 8·W keeps every warp on its own
+# columns of the [BQ, BN] scores. (On sm_90 a BQ < 64 tile is below one warpgroup MMA, so
+# these run on mma.sync there: a 64-row query block would need a [64, 512] fp32
+# accumulator per warpgroup, 256 registers per thread.)
+_FWD_16 = [(32, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2)]
+_FWD_32 = [(16, 64, 8, 2), (16, 64, 8, 1)]
+# dq̃ pass: one product per tile ([BQ, BN] x [BN, BD]), 64 query rows = one warpgroup MMA.
+_DQ_16 = [(64, 32, 8, 3), (64, 32, 8, 2)]
+_DQ_32 = [(32, 32, 8, 2), (16, 32, 8, 2)]
+# ds pass: a [BN, BD] row tile stays resident while the query blocks stream past it.
+_DS_16 = [(16, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 3)]
+_DS_32 = [(16, 32, 8, 2), (16, 64, 8, 1)]
+# dx pass: [BN, 2·HM] x [2·HM, BD] per row tile; BLOCK_Q is the slice of the 2·HM axis.
+_DX_16 = [(32, 64, 8, 3), (32, 64, 8, 2)]
+_DX_32 = [(16, 32, 8, 2), (32, 32, 8, 2)]
 
 
-def _bwd_dq_configs():
-    # One product per tile (ds·r is read back): room for wider query blocks.
-    return _configs([(64, 32, 8, 3), (64, 64, 8, 3), (32, 32, 8, 3), (32, 64, 8, 3)])
-
-
-def _bwd_dctx_configs():
-    # The dctx pass holds a [BN, BD] fp32 gradient plus the row tile across its loop over
-    # query blocks: BN = 16 is what fits without spills at Dc = 512.
-    return _configs([(16, 16, 8, 2), (16, 16, 8, 3), (32, 16, 8, 2)])
+def _tuned(fn, table16, table32):
+    """One autotuner per operand width over the same kernel (keys: model sizes only)."""
+    return {2: triton.autotune(configs=_configs(table16), key=_KEY)(fn),
+            4: triton.autotune(configs=_configs(table32), key=_KEY)(fn)}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -123,7 +141,6 @@ def _query_block_work(WORK_SEQ, WORK_START, WORK_END, HM: tl.constexpr, BLOCK_Q:
     return i_w, seq, start, end, o_q
 
 
-@triton.autotune(configs=_fwd_configs(), key=["HM", "DC"])
 @triton.jit
 def _ctx_attn_fwd_kernel(
     QT, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PM, PL, PACC, A, LSE, eps,
@@ -173,6 +190,9 @@ def _ctx_attn_fwd_kernel(
     tl.store(LSE + seq * HM + o_q, (b_m + tl.log2(b_l)) * LN2, mask=m_q & single)
 
 
+_FWD = _tuned(_ctx_attn_fwd_kernel, _FWD_16, _FWD_32)
+
+
 @triton.jit
 def _ctx_attn_merge_kernel(
     PM, PL, PACC, WORK_PTR, WORK_SLOT, A, LSE,
@@ -212,10 +232,9 @@ def _ctx_attn_merge_kernel(
     tl.store(LSE + i_s64 * HM + o_q, b_lse, mask=m_q)
 
 
-@triton.autotune(configs=_bwd_dq_configs(), key=["HM", "DC"])
 @triton.jit
 def _ctx_attn_bwd_dq_kernel(
-    DS, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PDQ, DQ,
+    G, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PDQ, DQ,
     HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -233,9 +252,11 @@ def _ctx_attn_bwd_dq_kernel(
         m_n = o_n < end
         p_x = X + o_n.to(tl.int64)[:, None] * DC + o_d[None, :]
         b_x = tl.load(p_x, mask=m_n[:, None] & m_d[None, :], other=0.0)   # [BN, BD]
-        p_ds = DS + o_n.to(tl.int64)[None, :] * HM + o_q[:, None]
-        b_dsr = tl.load(p_ds, mask=m_q[:, None] & m_n[None, :], other=0.0)  # [BQ, BN]
-        b_dq += _mma(b_dsr, b_x, DOT_PREC)
+        # ds·r (the first half of G's rows) is contiguous along the query axis: load
+        # [BN, BQ] row-major (vector loads); the transpose is free on the way to the MMA.
+        p_g = G + o_n.to(tl.int64)[:, None] * (2 * HM) + o_q[None, :]
+        b_dsr = tl.load(p_g, mask=m_n[:, None] & m_q[None, :], other=0.0)  # [BN, BQ]
+        b_dq += _mma(tl.trans(b_dsr), b_x, DOT_PREC)
     # As in the forward: a single-item sequence writes its final dq̃, no partial.
     slot = tl.load(WORK_SLOT + i_w).to(tl.int64)
     p_dq = PDQ + slot * HM * DC + o_q[:, None] * DC + o_d[None, :]
@@ -245,13 +266,14 @@ def _ctx_attn_bwd_dq_kernel(
     tl.store(DQ + o_qd, b_dq, mask=m_qd & single[:, None])
 
 
-@triton.autotune(configs=_bwd_dctx_configs(), key=["HM", "DC"])
+_DQ = _tuned(_ctx_attn_bwd_dq_kernel, _DQ_16, _DQ_32)
+
+
 @triton.jit
-def _ctx_attn_bwd_dctx_kernel(
-    QT, X, DA, LSE, DELTA, WORK_SEQ, WORK_START, WORK_END, DX, DS, eps,
+def _ctx_attn_bwd_ds_kernel(
+    QT, X, DA, LSE, DELTA, WORK_SEQ, WORK_START, WORK_END, G, COEF, eps,
     HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_P: tl.constexpr,
 ):
     i_w = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -262,12 +284,13 @@ def _ctx_attn_bwd_dctx_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < end
     m_d = o_d < DC
-    m_nd = m_n[:, None] & m_d[None, :]
-    p_x = X + o_n.to(tl.int64)[:, None] * DC + o_d[None, :]
-    b_x = tl.load(p_x, mask=m_nd, other=0.0)                               # [BN, BD]
+    o_n64 = o_n.to(tl.int64)
+    b_x = tl.load(X + o_n64[:, None] * DC + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
     b_r = _row_rsqrt(b_x, eps, DC)                                         # [BN]
-    b_xt = tl.trans(b_x)                                                   # [BD, BN]
-    b_dz = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                  # [BN, BD]
+    b_c = tl.zeros([BLOCK_N], dtype=tl.float32)                            # [BN]
+    # The row tile stays resident while the query blocks stream past it: the H·M queries
+    # and dA are read once per BN rows. No product here feeds another, so the compiler
+    # is free to spread the warps over both axes of the [BN, BQ] tiles.
     for q0 in range(0, HM, BLOCK_Q):
         o_q = q0 + tl.arange(0, BLOCK_Q)
         m_q = o_q < HM
@@ -275,28 +298,70 @@ def _ctx_attn_bwd_dctx_kernel(
         o_qd = seq * HM * DC + o_q[:, None] * DC + o_d[None, :]
         b_qt = tl.load(QT + o_qd, mask=m_qd, other=0.0)                    # [BQ, BD]
         b_da = tl.load(DA + o_qd, mask=m_qd, other=0.0)                    # [BQ, BD]
-        # Padded query rows get lse = +inf: p = 0 there, nothing leaks into dz.
+        # Padded query rows get lse = +inf: p = 0 there.
         b_lse = tl.load(LSE + seq * HM + o_q, mask=m_q, other=float("inf")) * LOG2E  # [BQ]
         b_delta = tl.load(DELTA + seq * HM + o_q, mask=m_q, other=0.0)    # [BQ]
-        b_s = _mma(b_qt, b_xt, DOT_PREC) * (b_r * LOG2E)[None, :]         # [BQ, BN]
-        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, BN]
-        b_dp = _mma(b_da, b_xt, DOT_PREC) * b_r[None, :]                   # [BQ, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])                             # [BQ, BN]
-        if WRITE_DS:
-            # ds·r in the operand dtype (the rounding the dq̃ product would apply anyway),
-            # laid out [N, HM]: O(N·H·M) bytes, a fraction H·M/(2·Dc) of the context's.
-            p_ds = DS + o_n.to(tl.int64)[None, :] * HM + o_q[:, None]
-            tl.store(p_ds, _cast(b_ds * b_r[None, :], DS.dtype.element_ty), mask=m_q[:, None] & m_n[None, :])
-        if WRITE_DX:
-            b_dz += _mma(_cast(tl.trans(b_ds), b_qt.dtype), b_qt, DOT_PREC)
-            b_dz += _mma(_cast(tl.trans(b_p), b_da.dtype), b_da, DOT_PREC)
-    if not WRITE_DX:
-        return
-    # Through z = x · r, r = rsqrt(mean(x²) + eps):  dx = r·dz − (r³/Dc)·(dz·x)·x.
-    b_xf = b_x.to(tl.float32)
-    b_dot = tl.sum(b_dz * b_xf, axis=1)                                    # [BN]
-    b_dx = b_dz * b_r[:, None] - (b_r * b_r * b_r * b_dot / DC)[:, None] * b_xf
-    tl.store(DX + o_n.to(tl.int64)[:, None] * DC + o_d[None, :], _cast(b_dx, DX.dtype.element_ty), mask=m_nd)
+        b_st = _mma(b_x, tl.trans(b_qt), DOT_PREC) * (b_r * LOG2E)[:, None]  # [BN, BQ]
+        # Padded context rows are zero but r there is rsqrt(eps): mask p, not the scores.
+        b_pt = tl.where(m_n[:, None], tl.exp2(b_st - b_lse[None, :]), 0.0)  # [BN, BQ]
+        b_dpt = _mma(b_x, tl.trans(b_da), DOT_PREC) * b_r[:, None]          # [BN, BQ]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])                           # [BN, BQ]
+        # [ds·r | p·r] rows of G [N, 2·HM] in the operand dtype (the rounding the next
+        # products apply anyway); a tile row is BQ contiguous elements: vector stores.
+        p_g = G + o_n64[:, None] * (2 * HM) + o_q[None, :]
+        m_nq = m_n[:, None] & m_q[None, :]
+        tl.store(p_g, _cast(b_dst * b_r[:, None], G.dtype.element_ty), mask=m_nq)
+        if WRITE_P:
+            tl.store(p_g + HM, _cast(b_pt * b_r[:, None], G.dtype.element_ty), mask=m_nq)
+            # dz_j·z_j = Σ_q ds s + p dp (natural-log scores): the RMSNorm backward's row
+            # dot, from values already here, so the dx pass needs no reduction of its own.
+            b_c += tl.sum(b_dst * (b_st * LN2) + b_pt * b_dpt, axis=1)
+    if WRITE_P:
+        # dx = r·dz − (r³/Dc)(dz·x)x = dz' − (r²/Dc)(dz·z)·x with dz' = r·dz.
+        tl.store(COEF + o_n64, b_r * b_r * b_c / DC, mask=m_n)
+
+
+_DS = _tuned(_ctx_attn_bwd_ds_kernel, _DS_16, _DS_32)
+
+
+@triton.jit
+def _ctx_attn_bwd_dx_kernel(
+    G, QDA, X, COEF, WORK_SEQ, WORK_START, WORK_END, DX,
+    HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_w = tl.program_id(0)
+    i_t = tl.program_id(1)
+    seq = tl.load(WORK_SEQ + i_w).to(tl.int64)
+    start = tl.load(WORK_START + i_w)
+    end = tl.load(WORK_END + i_w)
+    o_n = start + i_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < end
+    m_d = o_d < DC
+    o_n64 = o_n.to(tl.int64)
+    # r·dz = [ds·r | p·r] [q̃; dA]: one GEMM per row tile over the 2·HM axis, whose operand
+    # [q̃; dA] of the sequence streams in BQ-row slices (read once per BN context rows).
+    b_dz = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                  # [BN, BD]
+    for k0 in range(0, 2 * HM, BLOCK_Q):
+        o_k = k0 + tl.arange(0, BLOCK_Q)
+        m_k = o_k < 2 * HM
+        b_g = tl.load(G + o_n64[:, None] * (2 * HM) + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                      other=0.0)                                           # [BN, BQ]
+        p_q = QDA + seq * (2 * HM) * DC + o_k[:, None] * DC + o_d[None, :]
+        b_q = tl.load(p_q, mask=m_k[:, None] & m_d[None, :], other=0.0)   # [BQ, BD]
+        b_dz += _mma(b_g, b_q, DOT_PREC)
+    # Through z = x · r, r = rsqrt(mean(x²) + eps), with dz' = r·dz from the GEMM:
+    #   dx = r·dz − (r³/Dc)·(dz·x)·x = dz' − c·x,  c = r²·(dz·z)/Dc from the ds pass,
+    # an elementwise epilogue: no row reduction beside the [BN, BD] accumulator.
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_x = tl.load(X + o_n64[:, None] * DC + o_d[None, :], mask=m_nd, other=0.0)  # [BN, BD]
+    b_coef = tl.load(COEF + o_n64, mask=m_n, other=0.0)                       # [BN]
+    b_dx = b_dz - b_coef[:, None] * b_x.to(tl.float32)
+    tl.store(DX + o_n64[:, None] * DC + o_d[None, :], _cast(b_dx, DX.dtype.element_ty), mask=m_nd)
+
+
+_DX = _tuned(_ctx_attn_bwd_dx_kernel, _DX_16, _DX_32)
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -346,7 +411,7 @@ def default_split_rows(total_rows: int, query_rows: int, device: torch.device) -
     context bytes. Depends on the total row count and model sizes, never on one
     sequence's length.
     """
-    q_blocks = max(1, -(-query_rows // 32))
+    q_blocks = max(1, -(-query_rows // 64))
     target_items = max(1, 4 * _num_sms(device) // q_blocks)
     rows = max(MIN_SPLIT_ROWS, 8 * query_rows, -(-total_rows // target_items))
     return -(-rows // 64) * 64
@@ -402,10 +467,20 @@ def plan_work(bounds, device: torch.device, *, split_rows: int | None = None, qu
     return _plan_cached(tuple(int(b) for b in bounds), torch.device(device), max(1, int(split_rows)))
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls (torch's own switches)."""
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs promise fp32 math: no silent TF32 rounding of the scores. (bf16/fp16
-    # operands ignore the setting on a GPU; the interpreter gets their values in fp32.)
-    return "ieee" if dtype == torch.float32 or _INTERPRET else "tf32"
+    # fp32 inputs promise IEEE fp32 math by default: no silent TF32 rounding of the scores.
+    # TF32 tensor cores only where the user allowed them for fp32 matmuls
+    # (torch.set_float32_matmul_precision("high"/"medium") or
+    # torch.backends.cuda.matmul.allow_tf32 = True). 16-bit operands ignore the setting.
+    # Read at every call, so the choice follows the switches (a separate compile each).
+    if dtype == torch.float32 and tf32_allowed():
+        return "tf32"
+    return "ieee"
 
 
 @torch.library.triton_op("f2l::perceiver_ctx_fwd", mutates_args=())
@@ -425,7 +500,7 @@ def _ctx_fwd_op(qt: torch.Tensor, x: torch.Tensor, work_seq: torch.Tensor, work_
     lse = empty((S, HM), dtype=torch.float32, device=dev)
     if W > 0:
         grid = lambda meta: (triton.cdiv(HM, meta["BLOCK_Q"]) * W,)  # noqa: E731
-        _launch(_ctx_attn_fwd_kernel, grid, x)(
+        _launch(_FWD[x.element_size()], grid, x)(
             qt, x, work_seq, work_start, work_end, work_slot, pm, pl, pacc, a, lse, eps,
             HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=_dot_prec(x.dtype),
         )
@@ -460,19 +535,28 @@ def _ctx_bwd_op(qt: torch.Tensor, x: torch.Tensor, a: torch.Tensor, lse: torch.T
     prec = _dot_prec(x.dtype)
     if not (need_dq or need_dx):
         return dq, dx
-    # The dctx pass recomputes the scores once and leaves ds·r behind for the dq̃ pass.
-    ds = empty((x.shape[0], HM), dtype=x.dtype, device=dev) if need_dq else dx
+    # The ds pass recomputes the scores once and leaves G = [ds·r | p·r] [N, 2·HM] (and a
+    # per-row RMSNorm coefficient) behind: the dq̃ pass reads its ds·r half, the dx pass all.
+    N = x.shape[0]
+    g = empty((N, 2 * HM), dtype=x.dtype, device=dev)
+    coef = empty((N,), dtype=torch.float32, device=dev) if need_dx else delta
     # Axis 1 is the row tiles of an item: at most split / BLOCK_N, well under CUDA's cap.
     grid = lambda meta: (W, triton.cdiv(max_rows, meta["BLOCK_N"]))  # noqa: E731
-    _launch(_ctx_attn_bwd_dctx_kernel, grid, x)(
-        qt, x, da_c, lse, delta, work_seq, work_start, work_end, dx, ds, eps,
-        HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec, WRITE_DX=need_dx, WRITE_DS=need_dq,
+    _launch(_DS[x.element_size()], grid, x)(
+        qt, x, da_c, lse, delta, work_seq, work_start, work_end, g, coef, eps,
+        HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec, WRITE_P=need_dx,
     )
+    if need_dx:
+        qda = torch.cat([qt, da_c], dim=1)                                   # [S, 2·HM, Dc]
+        _launch(_DX[x.element_size()], grid, x)(
+            g, qda, x, coef, work_seq, work_start, work_end, dx,
+            HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
+        )
     if need_dq:
         pdq = empty((max(num_slots, 1), HM, Dc), dtype=torch.float32, device=dev)
         grid = lambda meta: (triton.cdiv(HM, meta["BLOCK_Q"]) * W,)  # noqa: E731
-        _launch(_ctx_attn_bwd_dq_kernel, grid, x)(
-            ds, x, work_seq, work_start, work_end, work_slot, pdq, dq,
+        _launch(_DQ[x.element_size()], grid, x)(
+            g, x, work_seq, work_start, work_end, work_slot, pdq, dq,
             HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
         )
         numel = HM * Dc
