@@ -25,24 +25,40 @@ Kernels
 - ``_ctx_attn_merge_kernel``: one program per (sequence, query block): merges a split
   sequence's partials in order (log-sum-exp), writes ``a`` and ``lse``; no work item
   (empty sequence) gives ``a = 0``, ``lse = -inf``.
-- ``_ctx_attn_bwd_dctx_kernel``: per (work item, row tile): recomputes the scores,
-  writes ``dctx`` rows (looping over every query block, RMSNorm backward included; each
-  row is owned by one program) and saves ``ds·r`` ``[N, H·M]`` for the next pass.
+- ``_ctx_attn_bwd_ds_kernel``: per (work item, 64-row tile): recomputes the scores with
+  the row tile resident while the query blocks stream past it (the ``H·M`` queries and
+  ``dA`` are read once per 64 context rows), and writes ``G = [ds·r | p·r]`` ``[N, 2·H·M]``
+  plus the per-row RMSNorm-backward coefficient ``c = r²·(dz·z)/Dc``, where
+  ``dz·z = Σ_q ds·s + p·dp`` comes from values it already holds.
+- ``_ctx_attn_bwd_dx_kernel``: per (work item, row tile): ``r·dz = G [q̃; dA]``, one GEMM
+  over the ``2·H·M`` axis, then ``dctx = r·dz − c·ctx`` (elementwise; each row is owned
+  by one program).
 - ``_ctx_attn_bwd_dq_kernel``: per (work item, query block): ``dq̃ = Σ_j (ds_j r_j) ctx_j``
-  partials from the saved ``ds·r`` (final ``dq̃`` for single-item sequences).
+  partials from the ``ds·r`` half of ``G`` (final ``dq̃`` for single-item sequences).
 - ``_segment_sum_kernel``: sums the ``dq̃`` partials of each split sequence in a fixed
   order (and zero-fills empty ones).
 No float atomics anywhere: the backward is bitwise deterministic.
 
+Why the backward has three passes over the rows, not two: the gradient ``dz [BN, Dc]`` of
+a row tile and the scores that produce it form chained products, for which the compiler
+lays every warp along one axis -- 64 rows per sm_90 warpgroup -- and a ``[64, Dc]`` fp32
+accumulator per 4-warp group is 256 registers per thread at ``Dc = 512``. Splitting the
+score recompute (ds pass) from the ``dz`` GEMM (dx pass) leaves each kernel one shape the
+tensor cores take without replicated tiles or spills (see the config tables).
+
 Extra memory: ``O(W·H·M·Dc)`` fp32 partials with ``W ≈ S + splits`` (the split policy,
 :func:`default_split_rows`, bounds the splits by the GPU size), never ``O(N·H·Dh)``; the
-backward adds ``ds·r`` ``[N, H·M]`` in the input dtype (``H·M/(2·Dc)`` of the context's
-bytes: an eighth at the official sizes).
+backward adds ``G`` ``[N, 2·H·M]`` in the input dtype (``H·M/Dc`` of the context's bytes:
+a quarter at the official sizes), ``[q̃; dA]`` ``[S, 2·H·M, Dc]`` and 4 bytes per row.
 
 Flops per context row: ``4·H·M·Dc`` forward (scores + accumulation), ``10·H·M·Dc``
-backward (dctx pass: scores, dp, two products into dz; dq̃ pass: one product) -- 2.5x.
-Saving ``ds·r`` instead of recomputing the scores in the dq̃ pass is what keeps the
+backward (ds pass: scores and dp; dx pass: ``[2·H·M]``-long products; dq̃ pass: one
+product) -- 2.5x. Saving ``G`` instead of recomputing the scores is what keeps the
 backward deterministic (no float atomics on dq̃) at that ratio.
+
+fp32 inputs run IEEE fp32 products by default; TF32 tensor cores only where the user
+allowed TF32 for fp32 matmuls (``torch.set_float32_matmul_precision("high")`` or
+``torch.backends.cuda.matmul.allow_tf32 = True``), read at every call.
 """
 from __future__ import annotations
 
@@ -411,7 +427,7 @@ def default_split_rows(total_rows: int, query_rows: int, device: torch.device) -
     context bytes. Depends on the total row count and model sizes, never on one
     sequence's length.
     """
-    q_blocks = max(1, -(-query_rows // 64))
+    q_blocks = max(1, -(-query_rows // 32))
     target_items = max(1, 4 * _num_sms(device) // q_blocks)
     rows = max(MIN_SPLIT_ROWS, 8 * query_rows, -(-total_rows // target_items))
     return -(-rows // 64) * 64
