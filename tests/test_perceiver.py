@@ -471,9 +471,12 @@ def test_kept_configs_keep_every_warp_on_its_own_mma_tile():
     assert all(bn == 64 and w == 8 for bq, bn, w, _ in dx)
     # Every list is in its autotuner, which keys on model sizes only.
     for table, tuners in ((fwd, ptri._FWD), (ds, ptri._DS), (dx, ptri._DX), (dq, ptri._DQ)):
-        assert tuners[2].keys == ["HM", "DC"] and tuners[4].keys == ["HM", "DC"]
+        assert set(tuners) == {"16", "ieee", "tf32"}
+        assert all(t.keys == ["HM", "DC"] for t in tuners.values())
         if not ptri._INTERPRET:
-            assert len(tuners[2].configs) == len(table)
+            assert len(tuners["16"].configs) == len(table)
+    # TF32 products follow the same rule (IEEE fp32 products run on FMA units, no tiles).
+    assert all(bn >= 8 * w for bq, bn, w, _ in ptri._FWD_TF32)
 
 
 def test_tf32_only_where_allowed(small_split):

@@ -97,13 +97,15 @@ def _configs(table):
 # Tile choice at the official sizes (H·M = 128 query rows, Dc = 512 = BLOCK_D), every table
 # checked by compiling ahead of time for sm_90 and sm_80 at the launch specialisation:
 #  * A [64, 512] fp32 accumulator is 128 registers per thread at 8 warps -- the largest that
-#    fits beside the tiles; 64 rows is also one sm_90 warpgroup MMA (4 warps x 16 rows), so a
-#    64-row operand never has two warpgroups computing the same tile (a 32-row dot at 4+
-#    warps would: wgmma is 64 rows per warpgroup).
-#  * Shared memory must fit sm_80's 163 KB, not only sm_90's 227 KB: every kept config runs
-#    on both, without register spills, so autotuning never meets a config that cannot run.
-#  * 16-bit and fp32 operands get separate lists (two autotuners over one kernel): fp32
-#    tiles are twice the bytes, and the IEEE path (no TF32) runs its dots on FMA units.
+#    fits beside the tiles; 64 rows is also one sm_90 warpgroup MMA (4 warps x 16 rows).
+#  * Products that feed one another (or share an operand) are "chained": the compiler lays
+#    all W warps of such a group along one axis, so that axis must cover them (16·W rows or
+#    8·W columns), else several warps compute the same MMA tile.
+#  * Shared memory must fit sm_80's 163 KB, not only sm_90's 227 KB: every kept 16-bit
+#    config runs on both without register spills, so autotuning never meets one that
+#    cannot run.
+#  * Three lists per kernel (three autotuners over one kernel): 16-bit operands, fp32 with
+#    IEEE products (FMA units), fp32 with TF32 products (tensor cores).
 # Few configs, because every config is a compile on the first call.
 _KEY = ["HM", "DC"]
 
@@ -114,22 +116,32 @@ _KEY = ["HM", "DC"]
 # these run on mma.sync there: a 64-row query block would need a [64, 512] fp32
 # accumulator per warpgroup, 256 registers per thread.)
 _FWD_16 = [(32, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2)]
-_FWD_32 = [(16, 64, 8, 2), (16, 64, 8, 1)]
+# fp32: IEEE products run on FMA units (no MMA tiles), TF32 ones on tensor cores with the
+# chained-product rule above; fp32 tiles are twice the bytes, so smaller.
+_FWD_IEEE = [(16, 32, 8, 2)]
+_FWD_TF32 = [(16, 32, 4, 2)]
 # dq̃ pass: one product per tile ([BQ, BN] x [BN, BD]), 64 query rows = one warpgroup MMA.
 _DQ_16 = [(64, 32, 8, 3), (64, 32, 8, 2)]
-_DQ_32 = [(32, 32, 8, 2), (16, 32, 8, 2)]
+_DQ_IEEE = _DQ_TF32 = [(32, 32, 8, 2)]
 # ds pass: a [BN, BD] row tile stays resident while the query blocks stream past it.
 _DS_16 = [(16, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 3)]
-_DS_32 = [(16, 32, 8, 2), (16, 64, 8, 1)]
+# fp32: no TF32 config both fits sm_80 (a 64-row fp32 tile is 128 KB) and keeps its warps
+# on their own tiles, so the ds pass runs IEEE products even where TF32 is allowed.
+_DS_IEEE = _DS_TF32 = [(16, 32, 8, 1)]
 # dx pass: [BN, 2·HM] x [2·HM, BD] per row tile; BLOCK_Q is the slice of the 2·HM axis.
 _DX_16 = [(32, 64, 8, 3), (32, 64, 8, 2)]
-_DX_32 = [(16, 32, 8, 2), (32, 32, 8, 2)]
+_DX_IEEE = _DX_TF32 = [(16, 32, 8, 2)]
 
 
-def _tuned(fn, table16, table32):
-    """One autotuner per operand width over the same kernel (keys: model sizes only)."""
-    return {2: triton.autotune(configs=_configs(table16), key=_KEY)(fn),
-            4: triton.autotune(configs=_configs(table32), key=_KEY)(fn)}
+def _tuned(fn, table16, table_ieee, table_tf32):
+    """One autotuner per operand kind over the same kernel (keys: model sizes only):
+    16-bit operands, fp32 IEEE products, fp32 TF32 products."""
+    return {kind: triton.autotune(configs=_configs(table), key=_KEY)(fn)
+            for kind, table in (("16", table16), ("ieee", table_ieee), ("tf32", table_tf32))}
+
+
+def _kind(dtype: torch.dtype, prec: str) -> str:
+    return "16" if dtype != torch.float32 else prec
 
 
 # --------------------------------------------------------------------------- kernels
@@ -206,7 +218,7 @@ def _ctx_attn_fwd_kernel(
     tl.store(LSE + seq * HM + o_q, (b_m + tl.log2(b_l)) * LN2, mask=m_q & single)
 
 
-_FWD = _tuned(_ctx_attn_fwd_kernel, _FWD_16, _FWD_32)
+_FWD = _tuned(_ctx_attn_fwd_kernel, _FWD_16, _FWD_IEEE, _FWD_TF32)
 
 
 @triton.jit
@@ -282,7 +294,7 @@ def _ctx_attn_bwd_dq_kernel(
     tl.store(DQ + o_qd, b_dq, mask=m_qd & single[:, None])
 
 
-_DQ = _tuned(_ctx_attn_bwd_dq_kernel, _DQ_16, _DQ_32)
+_DQ = _tuned(_ctx_attn_bwd_dq_kernel, _DQ_16, _DQ_IEEE, _DQ_TF32)
 
 
 @triton.jit
@@ -337,7 +349,7 @@ def _ctx_attn_bwd_ds_kernel(
         tl.store(COEF + o_n64, b_r * b_r * b_c / DC, mask=m_n)
 
 
-_DS = _tuned(_ctx_attn_bwd_ds_kernel, _DS_16, _DS_32)
+_DS = _tuned(_ctx_attn_bwd_ds_kernel, _DS_16, _DS_IEEE, _DS_TF32)
 
 
 @triton.jit
@@ -377,7 +389,7 @@ def _ctx_attn_bwd_dx_kernel(
     tl.store(DX + o_n64[:, None] * DC + o_d[None, :], _cast(b_dx, DX.dtype.element_ty), mask=m_nd)
 
 
-_DX = _tuned(_ctx_attn_bwd_dx_kernel, _DX_16, _DX_32)
+_DX = _tuned(_ctx_attn_bwd_dx_kernel, _DX_16, _DX_IEEE, _DX_TF32)
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -516,9 +528,10 @@ def _ctx_fwd_op(qt: torch.Tensor, x: torch.Tensor, work_seq: torch.Tensor, work_
     lse = empty((S, HM), dtype=torch.float32, device=dev)
     if W > 0:
         grid = lambda meta: (triton.cdiv(HM, meta["BLOCK_Q"]) * W,)  # noqa: E731
-        _launch(_FWD[x.element_size()], grid, x)(
+        prec = _dot_prec(x.dtype)
+        _launch(_FWD[_kind(x.dtype, prec)], grid, x)(
             qt, x, work_seq, work_start, work_end, work_slot, pm, pl, pacc, a, lse, eps,
-            HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=_dot_prec(x.dtype),
+            HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
         )
     if S > 0:
         BQ = 16 if _INTERPRET else 32
@@ -558,20 +571,20 @@ def _ctx_bwd_op(qt: torch.Tensor, x: torch.Tensor, a: torch.Tensor, lse: torch.T
     coef = empty((N,), dtype=torch.float32, device=dev) if need_dx else delta
     # Axis 1 is the row tiles of an item: at most split / BLOCK_N, well under CUDA's cap.
     grid = lambda meta: (W, triton.cdiv(max_rows, meta["BLOCK_N"]))  # noqa: E731
-    _launch(_DS[x.element_size()], grid, x)(
+    _launch(_DS[_kind(x.dtype, prec)], grid, x)(
         qt, x, da_c, lse, delta, work_seq, work_start, work_end, g, coef, eps,
-        HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec, WRITE_P=need_dx,
+        HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC="ieee" if x.dtype == torch.float32 else prec, WRITE_P=need_dx,
     )
     if need_dx:
         qda = torch.cat([qt, da_c], dim=1)                                   # [S, 2·HM, Dc]
-        _launch(_DX[x.element_size()], grid, x)(
+        _launch(_DX[_kind(x.dtype, prec)], grid, x)(
             g, qda, x, coef, work_seq, work_start, work_end, dx,
             HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
         )
     if need_dq:
         pdq = empty((max(num_slots, 1), HM, Dc), dtype=torch.float32, device=dev)
         grid = lambda meta: (triton.cdiv(HM, meta["BLOCK_Q"]) * W,)  # noqa: E731
-        _launch(_DQ[x.element_size()], grid, x)(
+        _launch(_DQ[_kind(x.dtype, prec)], grid, x)(
             g, x, work_seq, work_start, work_end, work_slot, pdq, dq,
             HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
         )
