@@ -124,7 +124,7 @@ _FWD_TF32 = [(16, 32, 4, 2)]
 _DQ_16 = [(64, 32, 8, 3), (64, 32, 8, 2)]
 _DQ_IEEE = _DQ_TF32 = [(32, 32, 8, 2)]
 # ds pass: a [BN, BD] row tile stays resident while the query blocks stream past it.
-_DS_16 = [(16, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 3)]
+_DS_16 = [(16, 64, 4, 2), (16, 64, 4, 3)]
 # fp32: no TF32 config both fits sm_80 (a 64-row fp32 tile is 128 KB) and keeps its warps
 # on their own tiles, so the ds pass runs IEEE products even where TF32 is allowed.
 _DS_IEEE = _DS_TF32 = [(16, 32, 8, 1)]
