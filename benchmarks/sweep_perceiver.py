@@ -20,7 +20,10 @@ bandwidth), ``frac_of_floor`` (floor_ms / ms), ``frac_of_copy`` (against the cop
 bandwidth measured in this run), ``tflops`` (flops of the standard formulation, the same
 count for every backend), ``extra_mb`` (peak memory above inputs), the backward's ``ms``
 and ``bwd_over_fwd`` for the differentiable backends, ``speedup`` over ``sdpa_padded`` and
-``speedup_vs_reference`` over ``reference`` (both are "projections + SDPA").
+``speedup_vs_reference`` over ``reference`` (both are "projections + SDPA"), and for the
+fused path its own design counts (``design_bytes``/``design_flops``, backward
+``bwd_design_bytes``/``bwd_design_flops``, see :func:`fused_bytes`) with ``bwd_floor_ms``,
+``bwd_frac_of_floor`` and ``bwd_tflops``.
 
     python benchmarks/sweep_perceiver.py                 # H100: the official sweep
     python benchmarks/sweep_perceiver.py --quick         # tiny shapes on CPU (interpreter)
@@ -117,6 +120,27 @@ def floor_bytes(shape: Shape, lens: list[int], elt: int) -> int:
     lat = 2 * S * shape.Mp * shape.Hkv * shape.Dh
     w = 2 * shape.Hkv * shape.Dh * shape.Dc + shape.Dc
     return elt * (ctx + q_out + lat + w)
+
+
+def fused_bytes(shape: Shape, lens: list[int], elt: int, *, backward: bool = False) -> int:
+    """HBM bytes the fused kernels move by design (the absorbed core; the tiny absorb and
+    output-projection einsums are left out). Forward: the context once, the absorbed
+    queries q̃ [S, H·M, Dc] in, ``a`` fp32 out. Backward (ds, dx, dq̃ passes): the context
+    three times, G = [ds·r | p·r] [N, 2·H·M] written once and read 1.5 times, dctx
+    written, 4 bytes per row of coefficients, q̃ and dA in twice, dq̃ fp32 out. The passes
+    re-read q̃/dA once per 64 context rows from L2 (4x the context's bytes at H·M = 128,
+    Dc = 512), which this HBM count leaves out."""
+    S, N = len(lens), sum(lens)
+    HM, Dc = shape.H * shape.M, shape.Dc
+    if not backward:
+        return N * Dc * elt + S * HM * Dc * (elt + 4)
+    rows = N * (3 * Dc * elt + Dc * elt + int(2.5 * 2 * HM * elt) + 4)
+    return rows + S * HM * Dc * (4 * elt + 4)
+
+
+def fused_flops(shape: Shape, lens: list[int], *, backward: bool = False) -> float:
+    """Flops of the fused core: 4·H·M·Dc per context row forward, 10·H·M·Dc backward."""
+    return float((10 if backward else 4) * shape.H * shape.M * shape.Dc * sum(lens))
 
 
 def standard_flops(shape: Shape, lens: list[int]) -> float:
@@ -288,6 +312,10 @@ def main(argv=None):
         except torch.cuda.OutOfMemoryError as e:  # the padded baselines at 1,024 frames
             row["error"] = f"out of memory: {str(e).splitlines()[0]}"
             torch.cuda.empty_cache()
+        row["design_bytes"] = fused_bytes(shape, lens, elt)
+        row["bwd_design_bytes"] = fused_bytes(shape, lens, elt, backward=True)
+        row["design_flops"] = fused_flops(shape, lens)
+        row["bwd_design_flops"] = fused_flops(shape, lens, backward=True)
         if "ms" in row:
             s = row["ms"] * 1e-3
             row["gbps"] = nbytes / s / 1e9
@@ -295,6 +323,11 @@ def main(argv=None):
             row["floor_ms"] = nbytes / (pk["hbm_gbps"] * 1e9) * 1e3
             row["frac_of_floor"] = row["floor_ms"] / row["ms"]
             row["frac_of_copy"] = row["gbps"] / copy_gbps if copy_gbps == copy_gbps else float("nan")
+            if backend == "triton" and "bwd_ms" in row:
+                # The fused backward against its own design bytes at nominal bandwidth.
+                row["bwd_floor_ms"] = row["bwd_design_bytes"] / (pk["hbm_gbps"] * 1e9) * 1e3
+                row["bwd_frac_of_floor"] = row["bwd_floor_ms"] / row["bwd_ms"]
+                row["bwd_tflops"] = row["bwd_design_flops"] / (row["bwd_ms"] * 1e-3) / 1e12
         rows.append(row)
 
     for key, ref in (("speedup", "sdpa_padded"), ("speedup_vs_reference", "reference")):

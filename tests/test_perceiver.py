@@ -398,19 +398,19 @@ SIGS = {
     "_ctx_attn_fwd_kernel": dict(QT=X, X=X, WORK_SEQ=P, WORK_START=P, WORK_END=P, WORK_SLOT=P, PM=F, PL=F,
                                  PACC=F, A=F, LSE=F, eps="fp32"),
     "_ctx_attn_merge_kernel": dict(PM=F, PL=F, PACC=F, WORK_PTR=P, WORK_SLOT=P, A=F, LSE=F),
-    "_ctx_attn_bwd_dq_kernel": dict(DS=X, X=X, WORK_SEQ=P, WORK_START=P, WORK_END=P, WORK_SLOT=P, PDQ=F, DQ=F),
-    "_ctx_attn_bwd_dctx_kernel": dict(QT=X, X=X, DA=X, LSE=F, DELTA=F, WORK_SEQ=P, WORK_START=P, WORK_END=P,
-                                      DX=X, DS=X, eps="fp32"),
+    "_ctx_attn_bwd_ds_kernel": dict(QT=X, X=X, DA=X, LSE=F, DELTA=F, WORK_SEQ=P, WORK_START=P, WORK_END=P,
+                                    G=X, COEF=F, eps="fp32"),
+    "_ctx_attn_bwd_dx_kernel": dict(G=X, QDA=X, X=X, COEF=F, WORK_SEQ=P, WORK_START=P, WORK_END=P, DX=X),
+    "_ctx_attn_bwd_dq_kernel": dict(G=X, X=X, WORK_SEQ=P, WORK_START=P, WORK_END=P, WORK_SLOT=P, PDQ=F, DQ=F),
     "_segment_sum_kernel": dict(P=F, WORK_PTR=P, WORK_SLOT=P, OUT=F, numel="i32"),
 }
 for name, sig in SIGS.items():
     k = getattr(T, name)
-    fn = k if isinstance(k, triton.runtime.jit.JITFunction) else k.fn  # unwrap the autotuner
-    cons = dict(HM=24, DC=40, BLOCK_D=64, BLOCK_Q=16, BLOCK_N=16, DOT_PREC="tf32", BLOCK=256,
-                WRITE_DX=True, WRITE_DS=True)
-    cons = {n: v for n, v in cons.items() if n in fn.arg_names}
-    full = {n: ("constexpr" if n in cons else sig[n]) for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=full, constexprs={(fn.arg_names.index(n),): v for n, v in cons.items()})
+    assert isinstance(k, triton.runtime.jit.JITFunction), name  # the autotuners wrap these
+    cons = dict(HM=24, DC=40, BLOCK_D=64, BLOCK_Q=16, BLOCK_N=16, DOT_PREC="tf32", BLOCK=256, WRITE_P=True)
+    cons = {n: v for n, v in cons.items() if n in k.arg_names}
+    full = {n: ("constexpr" if n in cons else sig[n]) for n in k.arg_names}
+    src = ASTSource(fn=k, signature=full, constexprs={(k.arg_names.index(n),): v for n, v in cons.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
     print("compiled", name)
 '''
@@ -436,7 +436,7 @@ def test_kernels_compile_for_sm90():
     if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr):
         pytest.skip("no ptxas for the sm_90 target")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 5
+    assert res.stdout.count("compiled") == 6
 
 
 @pytest.mark.parametrize("which", ["ctx_frozen", "q_frozen"])
@@ -455,3 +455,47 @@ def test_partial_requires_grad(which, small_split):
     gr = torch.autograd.grad(ref, [t[n] for n in live], g)
     for n, a, b in zip(live, gt, gr):
         assert _rel(a, b) < 1e-5, n
+
+
+def test_kept_configs_keep_every_warp_on_its_own_mma_tile():
+    """The layout rules the config tables rely on (checked ahead of time with the compiler):
+    chained products get all W warps along one axis, and an MMA tile is 16 rows (64 per
+    4-warp group on sm_90) by 8 columns, so those axes must cover the warps."""
+    fwd, ds, dx, dq = ptri._FWD_16, ptri._DS_16, ptri._DX_16, ptri._DQ_16
+    # Forward: [BQ, BN] scores chained into [BQ, Dc]; BQ < Dc puts the warps along BN.
+    assert all(bn >= 8 * w and bq < 512 for bq, bn, w, _ in fwd)
+    # ds pass: [BN, BQ] scores (two products sharing the row tile): warps along BN.
+    assert all(bn >= 16 * w and w % 4 == 0 for bq, bn, w, _ in ds)
+    # dq̃ / dx: one [64, Dc] product, one 4-warp group per 64 rows and the rest along Dc.
+    assert all(bq == 64 and w == 8 for bq, bn, w, _ in dq)
+    assert all(bn == 64 and w == 8 for bq, bn, w, _ in dx)
+    # Every list is in its autotuner, which keys on model sizes only.
+    for table, tuners in ((fwd, ptri._FWD), (ds, ptri._DS), (dx, ptri._DX), (dq, ptri._DQ)):
+        assert set(tuners) == {"16", "ieee", "tf32"}
+        assert all(t.keys == ["HM", "DC"] for t in tuners.values())
+        if not ptri._INTERPRET:
+            assert len(tuners["16"].configs) == len(table)
+    # TF32 products follow the same rule (IEEE fp32 products run on FMA units, no tiles).
+    assert all(bn >= 8 * w for bq, bn, w, _ in ptri._FWD_TF32)
+
+
+def test_tf32_only_where_allowed(small_split):
+    """fp32 stays IEEE unless the user allows TF32 for fp32 matmuls; 16-bit ignores it."""
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert ptri._dot_prec(torch.float32) == "ieee"
+        assert ptri._dot_prec(torch.bfloat16) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert ptri.tf32_allowed() and ptri._dot_prec(torch.float32) == "tf32"
+        assert ptri._dot_prec(torch.float16) == "ieee"
+        # The TF32 variant still computes the same function (the interpreter's products are
+        # exact fp32; on a GPU they round the operands to TF32).
+        small_split(8)
+        c = Case(lens=(13, 0, 6))
+        t, cu = _inputs(c, torch.float32)
+        out = _call(perceiver_attention, t, cu, backend="triton")
+        ref = _call(perceiver_attention_ref, t, cu)
+        assert _rel(out, ref) < (1e-5 if ptri._INTERPRET else 5e-3)
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -123,7 +123,10 @@ def perceiver_attention(
         ``[S, M, H, Dh]`` in ``q.dtype`` (fp32 accumulation). A sequence with no keys at
         all (empty context and no latents) yields zeros. Differentiable w.r.t. every
         floating input; gradients come back in each input's dtype. The Triton backward
-        is bitwise deterministic.
+        is bitwise deterministic. fp32 inputs get IEEE fp32 products unless TF32 is allowed
+        for fp32 matmuls (``torch.set_float32_matmul_precision("high")`` or
+        ``torch.backends.cuda.matmul.allow_tf32 = True``): then the fused path uses TF32
+        tensor cores.
 
     Reads ``cu_seqlens`` on the host once per call (one device sync) to plan the work.
 

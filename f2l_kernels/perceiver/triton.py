@@ -25,24 +25,40 @@ Kernels
 - ``_ctx_attn_merge_kernel``: one program per (sequence, query block): merges a split
   sequence's partials in order (log-sum-exp), writes ``a`` and ``lse``; no work item
   (empty sequence) gives ``a = 0``, ``lse = -inf``.
-- ``_ctx_attn_bwd_dctx_kernel``: per (work item, row tile): recomputes the scores,
-  writes ``dctx`` rows (looping over every query block, RMSNorm backward included; each
-  row is owned by one program) and saves ``ds·r`` ``[N, H·M]`` for the next pass.
+- ``_ctx_attn_bwd_ds_kernel``: per (work item, 64-row tile): recomputes the scores with
+  the row tile resident while the query blocks stream past it (the ``H·M`` queries and
+  ``dA`` are read once per 64 context rows), and writes ``G = [ds·r | p·r]`` ``[N, 2·H·M]``
+  plus the per-row RMSNorm-backward coefficient ``c = r²·(dz·z)/Dc``, where
+  ``dz·z = Σ_q ds·s + p·dp`` comes from values it already holds.
+- ``_ctx_attn_bwd_dx_kernel``: per (work item, row tile): ``r·dz = G [q̃; dA]``, one GEMM
+  over the ``2·H·M`` axis, then ``dctx = r·dz − c·ctx`` (elementwise; each row is owned
+  by one program).
 - ``_ctx_attn_bwd_dq_kernel``: per (work item, query block): ``dq̃ = Σ_j (ds_j r_j) ctx_j``
-  partials from the saved ``ds·r`` (final ``dq̃`` for single-item sequences).
+  partials from the ``ds·r`` half of ``G`` (final ``dq̃`` for single-item sequences).
 - ``_segment_sum_kernel``: sums the ``dq̃`` partials of each split sequence in a fixed
   order (and zero-fills empty ones).
 No float atomics anywhere: the backward is bitwise deterministic.
 
+Why the backward has three passes over the rows, not two: the gradient ``dz [BN, Dc]`` of
+a row tile and the scores that produce it form chained products, for which the compiler
+lays every warp along one axis -- 64 rows per sm_90 warpgroup -- and a ``[64, Dc]`` fp32
+accumulator per 4-warp group is 256 registers per thread at ``Dc = 512``. Splitting the
+score recompute (ds pass) from the ``dz`` GEMM (dx pass) leaves each kernel one shape the
+tensor cores take without replicated tiles or spills (see the config tables).
+
 Extra memory: ``O(W·H·M·Dc)`` fp32 partials with ``W ≈ S + splits`` (the split policy,
 :func:`default_split_rows`, bounds the splits by the GPU size), never ``O(N·H·Dh)``; the
-backward adds ``ds·r`` ``[N, H·M]`` in the input dtype (``H·M/(2·Dc)`` of the context's
-bytes: an eighth at the official sizes).
+backward adds ``G`` ``[N, 2·H·M]`` in the input dtype (``H·M/Dc`` of the context's bytes:
+a quarter at the official sizes), ``[q̃; dA]`` ``[S, 2·H·M, Dc]`` and 4 bytes per row.
 
 Flops per context row: ``4·H·M·Dc`` forward (scores + accumulation), ``10·H·M·Dc``
-backward (dctx pass: scores, dp, two products into dz; dq̃ pass: one product) -- 2.5x.
-Saving ``ds·r`` instead of recomputing the scores in the dq̃ pass is what keeps the
+backward (ds pass: scores and dp; dx pass: ``[2·H·M]``-long products; dq̃ pass: one
+product) -- 2.5x. Saving ``G`` instead of recomputing the scores is what keeps the
 backward deterministic (no float atomics on dq̃) at that ratio.
+
+fp32 inputs run IEEE fp32 products by default; TF32 tensor cores only where the user
+allowed TF32 for fp32 matmuls (``torch.set_float32_matmul_precision("high")`` or
+``torch.backends.cuda.matmul.allow_tf32 = True``), read at every call.
 """
 from __future__ import annotations
 
@@ -78,24 +94,54 @@ def _configs(table):
     return [triton.Config({"BLOCK_Q": bq, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bq, bn, w, s in table]
 
 
-# BLOCK_D spans the whole row (next_pow2(Dc)), so at Dc = 512 an fp32 [BQ or BN, BD] tile
-# costs 64 registers per thread per 16 rows at 8 warps. The lists hold the configs that
-# compile for sm_90 at the official sizes (H·M = 128, Dc = 512, bf16) without register
-# spills (checked with ptxas: cuobjdump -res-usage) and fit shared memory; few, because
-# every config is a compile on the first call.
-def _fwd_configs():
-    return _configs([(32, 32, 8, 3), (32, 32, 8, 2), (16, 64, 8, 3), (16, 32, 4, 2), (32, 64, 8, 3)])
+# Tile choice at the official sizes (H·M = 128 query rows, Dc = 512 = BLOCK_D), every table
+# checked by compiling ahead of time for sm_90 and sm_80 at the launch specialisation:
+#  * A [64, 512] fp32 accumulator is 128 registers per thread at 8 warps -- the largest that
+#    fits beside the tiles; 64 rows is also one sm_90 warpgroup MMA (4 warps x 16 rows).
+#  * Products that feed one another (or share an operand) are "chained": the compiler lays
+#    all W warps of such a group along one axis, so that axis must cover them (16·W rows or
+#    8·W columns), else several warps compute the same MMA tile.
+#  * Shared memory must fit sm_80's 163 KB, not only sm_90's 227 KB: every kept 16-bit
+#    config runs on both without register spills, so autotuning never meets one that
+#    cannot run.
+#  * Three lists per kernel (three autotuners over one kernel): 16-bit operands, fp32 with
+#    IEEE products (FMA units), fp32 with TF32 products (tensor cores).
+# Few configs, because every config is a compile on the first call.
+_KEY = ["HM", "DC"]
+
+# Forward: queries [BQ, BD] stay resident, context tiles [BN, BD] stream through. Its two
+# products are chained (the scores feed the accumulation), and a chained pair gets all its
+# warps along one axis ([1, W] here, since BQ < Dc): BN >= 8·W keeps every warp on its own
+# columns of the [BQ, BN] scores. (On sm_90 a BQ < 64 tile is below one warpgroup MMA, so
+# these run on mma.sync there: a 64-row query block would need a [64, 512] fp32
+# accumulator per warpgroup, 256 registers per thread.)
+_FWD_16 = [(32, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2)]
+# fp32: IEEE products run on FMA units (no MMA tiles), TF32 ones on tensor cores with the
+# chained-product rule above; fp32 tiles are twice the bytes, so smaller.
+_FWD_IEEE = [(16, 32, 8, 2)]
+_FWD_TF32 = [(16, 32, 4, 2)]
+# dq̃ pass: one product per tile ([BQ, BN] x [BN, BD]), 64 query rows = one warpgroup MMA.
+_DQ_16 = [(64, 32, 8, 3), (64, 32, 8, 2)]
+_DQ_IEEE = _DQ_TF32 = [(32, 32, 8, 2)]
+# ds pass: a [BN, BD] row tile stays resident while the query blocks stream past it.
+_DS_16 = [(16, 64, 4, 2), (16, 64, 4, 3)]
+# fp32: no TF32 config both fits sm_80 (a 64-row fp32 tile is 128 KB) and keeps its warps
+# on their own tiles, so the ds pass runs IEEE products even where TF32 is allowed.
+_DS_IEEE = _DS_TF32 = [(16, 32, 8, 1)]
+# dx pass: [BN, 2·HM] x [2·HM, BD] per row tile; BLOCK_Q is the slice of the 2·HM axis.
+_DX_16 = [(32, 64, 8, 3), (32, 64, 8, 2)]
+_DX_IEEE = _DX_TF32 = [(16, 32, 8, 2)]
 
 
-def _bwd_dq_configs():
-    # One product per tile (ds·r is read back): room for wider query blocks.
-    return _configs([(64, 32, 8, 3), (64, 64, 8, 3), (32, 32, 8, 3), (32, 64, 8, 3)])
+def _tuned(fn, table16, table_ieee, table_tf32):
+    """One autotuner per operand kind over the same kernel (keys: model sizes only):
+    16-bit operands, fp32 IEEE products, fp32 TF32 products."""
+    return {kind: triton.autotune(configs=_configs(table), key=_KEY)(fn)
+            for kind, table in (("16", table16), ("ieee", table_ieee), ("tf32", table_tf32))}
 
 
-def _bwd_dctx_configs():
-    # The dctx pass holds a [BN, BD] fp32 gradient plus the row tile across its loop over
-    # query blocks: BN = 16 is what fits without spills at Dc = 512.
-    return _configs([(16, 16, 8, 2), (16, 16, 8, 3), (32, 16, 8, 2)])
+def _kind(dtype: torch.dtype, prec: str) -> str:
+    return "16" if dtype != torch.float32 else prec
 
 
 # --------------------------------------------------------------------------- kernels
@@ -123,7 +169,6 @@ def _query_block_work(WORK_SEQ, WORK_START, WORK_END, HM: tl.constexpr, BLOCK_Q:
     return i_w, seq, start, end, o_q
 
 
-@triton.autotune(configs=_fwd_configs(), key=["HM", "DC"])
 @triton.jit
 def _ctx_attn_fwd_kernel(
     QT, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PM, PL, PACC, A, LSE, eps,
@@ -173,6 +218,9 @@ def _ctx_attn_fwd_kernel(
     tl.store(LSE + seq * HM + o_q, (b_m + tl.log2(b_l)) * LN2, mask=m_q & single)
 
 
+_FWD = _tuned(_ctx_attn_fwd_kernel, _FWD_16, _FWD_IEEE, _FWD_TF32)
+
+
 @triton.jit
 def _ctx_attn_merge_kernel(
     PM, PL, PACC, WORK_PTR, WORK_SLOT, A, LSE,
@@ -212,10 +260,9 @@ def _ctx_attn_merge_kernel(
     tl.store(LSE + i_s64 * HM + o_q, b_lse, mask=m_q)
 
 
-@triton.autotune(configs=_bwd_dq_configs(), key=["HM", "DC"])
 @triton.jit
 def _ctx_attn_bwd_dq_kernel(
-    DS, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PDQ, DQ,
+    G, X, WORK_SEQ, WORK_START, WORK_END, WORK_SLOT, PDQ, DQ,
     HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -233,9 +280,11 @@ def _ctx_attn_bwd_dq_kernel(
         m_n = o_n < end
         p_x = X + o_n.to(tl.int64)[:, None] * DC + o_d[None, :]
         b_x = tl.load(p_x, mask=m_n[:, None] & m_d[None, :], other=0.0)   # [BN, BD]
-        p_ds = DS + o_n.to(tl.int64)[None, :] * HM + o_q[:, None]
-        b_dsr = tl.load(p_ds, mask=m_q[:, None] & m_n[None, :], other=0.0)  # [BQ, BN]
-        b_dq += _mma(b_dsr, b_x, DOT_PREC)
+        # ds·r (the first half of G's rows) is contiguous along the query axis: load
+        # [BN, BQ] row-major (vector loads); the transpose is free on the way to the MMA.
+        p_g = G + o_n.to(tl.int64)[:, None] * (2 * HM) + o_q[None, :]
+        b_dsr = tl.load(p_g, mask=m_n[:, None] & m_q[None, :], other=0.0)  # [BN, BQ]
+        b_dq += _mma(tl.trans(b_dsr), b_x, DOT_PREC)
     # As in the forward: a single-item sequence writes its final dq̃, no partial.
     slot = tl.load(WORK_SLOT + i_w).to(tl.int64)
     p_dq = PDQ + slot * HM * DC + o_q[:, None] * DC + o_d[None, :]
@@ -245,13 +294,14 @@ def _ctx_attn_bwd_dq_kernel(
     tl.store(DQ + o_qd, b_dq, mask=m_qd & single[:, None])
 
 
-@triton.autotune(configs=_bwd_dctx_configs(), key=["HM", "DC"])
+_DQ = _tuned(_ctx_attn_bwd_dq_kernel, _DQ_16, _DQ_IEEE, _DQ_TF32)
+
+
 @triton.jit
-def _ctx_attn_bwd_dctx_kernel(
-    QT, X, DA, LSE, DELTA, WORK_SEQ, WORK_START, WORK_END, DX, DS, eps,
+def _ctx_attn_bwd_ds_kernel(
+    QT, X, DA, LSE, DELTA, WORK_SEQ, WORK_START, WORK_END, G, COEF, eps,
     HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_P: tl.constexpr,
 ):
     i_w = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -262,12 +312,13 @@ def _ctx_attn_bwd_dctx_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < end
     m_d = o_d < DC
-    m_nd = m_n[:, None] & m_d[None, :]
-    p_x = X + o_n.to(tl.int64)[:, None] * DC + o_d[None, :]
-    b_x = tl.load(p_x, mask=m_nd, other=0.0)                               # [BN, BD]
+    o_n64 = o_n.to(tl.int64)
+    b_x = tl.load(X + o_n64[:, None] * DC + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
     b_r = _row_rsqrt(b_x, eps, DC)                                         # [BN]
-    b_xt = tl.trans(b_x)                                                   # [BD, BN]
-    b_dz = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                  # [BN, BD]
+    b_c = tl.zeros([BLOCK_N], dtype=tl.float32)                            # [BN]
+    # The row tile stays resident while the query blocks stream past it: the H·M queries
+    # and dA are read once per BN rows. No product here feeds another, so the compiler
+    # is free to spread the warps over both axes of the [BN, BQ] tiles.
     for q0 in range(0, HM, BLOCK_Q):
         o_q = q0 + tl.arange(0, BLOCK_Q)
         m_q = o_q < HM
@@ -275,28 +326,70 @@ def _ctx_attn_bwd_dctx_kernel(
         o_qd = seq * HM * DC + o_q[:, None] * DC + o_d[None, :]
         b_qt = tl.load(QT + o_qd, mask=m_qd, other=0.0)                    # [BQ, BD]
         b_da = tl.load(DA + o_qd, mask=m_qd, other=0.0)                    # [BQ, BD]
-        # Padded query rows get lse = +inf: p = 0 there, nothing leaks into dz.
+        # Padded query rows get lse = +inf: p = 0 there.
         b_lse = tl.load(LSE + seq * HM + o_q, mask=m_q, other=float("inf")) * LOG2E  # [BQ]
         b_delta = tl.load(DELTA + seq * HM + o_q, mask=m_q, other=0.0)    # [BQ]
-        b_s = _mma(b_qt, b_xt, DOT_PREC) * (b_r * LOG2E)[None, :]         # [BQ, BN]
-        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, BN]
-        b_dp = _mma(b_da, b_xt, DOT_PREC) * b_r[None, :]                   # [BQ, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])                             # [BQ, BN]
-        if WRITE_DS:
-            # ds·r in the operand dtype (the rounding the dq̃ product would apply anyway),
-            # laid out [N, HM]: O(N·H·M) bytes, a fraction H·M/(2·Dc) of the context's.
-            p_ds = DS + o_n.to(tl.int64)[None, :] * HM + o_q[:, None]
-            tl.store(p_ds, _cast(b_ds * b_r[None, :], DS.dtype.element_ty), mask=m_q[:, None] & m_n[None, :])
-        if WRITE_DX:
-            b_dz += _mma(_cast(tl.trans(b_ds), b_qt.dtype), b_qt, DOT_PREC)
-            b_dz += _mma(_cast(tl.trans(b_p), b_da.dtype), b_da, DOT_PREC)
-    if not WRITE_DX:
-        return
-    # Through z = x · r, r = rsqrt(mean(x²) + eps):  dx = r·dz − (r³/Dc)·(dz·x)·x.
-    b_xf = b_x.to(tl.float32)
-    b_dot = tl.sum(b_dz * b_xf, axis=1)                                    # [BN]
-    b_dx = b_dz * b_r[:, None] - (b_r * b_r * b_r * b_dot / DC)[:, None] * b_xf
-    tl.store(DX + o_n.to(tl.int64)[:, None] * DC + o_d[None, :], _cast(b_dx, DX.dtype.element_ty), mask=m_nd)
+        b_st = _mma(b_x, tl.trans(b_qt), DOT_PREC) * (b_r * LOG2E)[:, None]  # [BN, BQ]
+        # Padded context rows are zero but r there is rsqrt(eps): mask p, not the scores.
+        b_pt = tl.where(m_n[:, None], tl.exp2(b_st - b_lse[None, :]), 0.0)  # [BN, BQ]
+        b_dpt = _mma(b_x, tl.trans(b_da), DOT_PREC) * b_r[:, None]          # [BN, BQ]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])                           # [BN, BQ]
+        # [ds·r | p·r] rows of G [N, 2·HM] in the operand dtype (the rounding the next
+        # products apply anyway); a tile row is BQ contiguous elements: vector stores.
+        p_g = G + o_n64[:, None] * (2 * HM) + o_q[None, :]
+        m_nq = m_n[:, None] & m_q[None, :]
+        tl.store(p_g, _cast(b_dst * b_r[:, None], G.dtype.element_ty), mask=m_nq)
+        if WRITE_P:
+            tl.store(p_g + HM, _cast(b_pt * b_r[:, None], G.dtype.element_ty), mask=m_nq)
+            # dz_j·z_j = Σ_q ds s + p dp (natural-log scores): the RMSNorm backward's row
+            # dot, from values already here, so the dx pass needs no reduction of its own.
+            b_c += tl.sum(b_dst * (b_st * LN2) + b_pt * b_dpt, axis=1)
+    if WRITE_P:
+        # dx = r·dz − (r³/Dc)(dz·x)x = dz' − (r²/Dc)(dz·z)·x with dz' = r·dz.
+        tl.store(COEF + o_n64, b_r * b_r * b_c / DC, mask=m_n)
+
+
+_DS = _tuned(_ctx_attn_bwd_ds_kernel, _DS_16, _DS_IEEE, _DS_TF32)
+
+
+@triton.jit
+def _ctx_attn_bwd_dx_kernel(
+    G, QDA, X, COEF, WORK_SEQ, WORK_START, WORK_END, DX,
+    HM: tl.constexpr, DC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_w = tl.program_id(0)
+    i_t = tl.program_id(1)
+    seq = tl.load(WORK_SEQ + i_w).to(tl.int64)
+    start = tl.load(WORK_START + i_w)
+    end = tl.load(WORK_END + i_w)
+    o_n = start + i_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < end
+    m_d = o_d < DC
+    o_n64 = o_n.to(tl.int64)
+    # r·dz = [ds·r | p·r] [q̃; dA]: one GEMM per row tile over the 2·HM axis, whose operand
+    # [q̃; dA] of the sequence streams in BQ-row slices (read once per BN context rows).
+    b_dz = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                  # [BN, BD]
+    for k0 in range(0, 2 * HM, BLOCK_Q):
+        o_k = k0 + tl.arange(0, BLOCK_Q)
+        m_k = o_k < 2 * HM
+        b_g = tl.load(G + o_n64[:, None] * (2 * HM) + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                      other=0.0)                                           # [BN, BQ]
+        p_q = QDA + seq * (2 * HM) * DC + o_k[:, None] * DC + o_d[None, :]
+        b_q = tl.load(p_q, mask=m_k[:, None] & m_d[None, :], other=0.0)   # [BQ, BD]
+        b_dz += _mma(b_g, b_q, DOT_PREC)
+    # Through z = x · r, r = rsqrt(mean(x²) + eps), with dz' = r·dz from the GEMM:
+    #   dx = r·dz − (r³/Dc)·(dz·x)·x = dz' − c·x,  c = r²·(dz·z)/Dc from the ds pass,
+    # an elementwise epilogue: no row reduction beside the [BN, BD] accumulator.
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_x = tl.load(X + o_n64[:, None] * DC + o_d[None, :], mask=m_nd, other=0.0)  # [BN, BD]
+    b_coef = tl.load(COEF + o_n64, mask=m_n, other=0.0)                       # [BN]
+    b_dx = b_dz - b_coef[:, None] * b_x.to(tl.float32)
+    tl.store(DX + o_n64[:, None] * DC + o_d[None, :], _cast(b_dx, DX.dtype.element_ty), mask=m_nd)
+
+
+_DX = _tuned(_ctx_attn_bwd_dx_kernel, _DX_16, _DX_IEEE, _DX_TF32)
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -402,10 +495,20 @@ def plan_work(bounds, device: torch.device, *, split_rows: int | None = None, qu
     return _plan_cached(tuple(int(b) for b in bounds), torch.device(device), max(1, int(split_rows)))
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls (torch's own switches)."""
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs promise fp32 math: no silent TF32 rounding of the scores. (bf16/fp16
-    # operands ignore the setting on a GPU; the interpreter gets their values in fp32.)
-    return "ieee" if dtype == torch.float32 or _INTERPRET else "tf32"
+    # fp32 inputs promise IEEE fp32 math by default: no silent TF32 rounding of the scores.
+    # TF32 tensor cores only where the user allowed them for fp32 matmuls
+    # (torch.set_float32_matmul_precision("high"/"medium") or
+    # torch.backends.cuda.matmul.allow_tf32 = True). 16-bit operands ignore the setting.
+    # Read at every call, so the choice follows the switches (a separate compile each).
+    if dtype == torch.float32 and tf32_allowed():
+        return "tf32"
+    return "ieee"
 
 
 @torch.library.triton_op("f2l::perceiver_ctx_fwd", mutates_args=())
@@ -425,9 +528,10 @@ def _ctx_fwd_op(qt: torch.Tensor, x: torch.Tensor, work_seq: torch.Tensor, work_
     lse = empty((S, HM), dtype=torch.float32, device=dev)
     if W > 0:
         grid = lambda meta: (triton.cdiv(HM, meta["BLOCK_Q"]) * W,)  # noqa: E731
-        _launch(_ctx_attn_fwd_kernel, grid, x)(
+        prec = _dot_prec(x.dtype)
+        _launch(_FWD[_kind(x.dtype, prec)], grid, x)(
             qt, x, work_seq, work_start, work_end, work_slot, pm, pl, pacc, a, lse, eps,
-            HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=_dot_prec(x.dtype),
+            HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
         )
     if S > 0:
         BQ = 16 if _INTERPRET else 32
@@ -460,19 +564,28 @@ def _ctx_bwd_op(qt: torch.Tensor, x: torch.Tensor, a: torch.Tensor, lse: torch.T
     prec = _dot_prec(x.dtype)
     if not (need_dq or need_dx):
         return dq, dx
-    # The dctx pass recomputes the scores once and leaves ds·r behind for the dq̃ pass.
-    ds = empty((x.shape[0], HM), dtype=x.dtype, device=dev) if need_dq else dx
+    # The ds pass recomputes the scores once and leaves G = [ds·r | p·r] [N, 2·HM] (and a
+    # per-row RMSNorm coefficient) behind: the dq̃ pass reads its ds·r half, the dx pass all.
+    N = x.shape[0]
+    g = empty((N, 2 * HM), dtype=x.dtype, device=dev)
+    coef = empty((N,), dtype=torch.float32, device=dev) if need_dx else delta
     # Axis 1 is the row tiles of an item: at most split / BLOCK_N, well under CUDA's cap.
     grid = lambda meta: (W, triton.cdiv(max_rows, meta["BLOCK_N"]))  # noqa: E731
-    _launch(_ctx_attn_bwd_dctx_kernel, grid, x)(
-        qt, x, da_c, lse, delta, work_seq, work_start, work_end, dx, ds, eps,
-        HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec, WRITE_DX=need_dx, WRITE_DS=need_dq,
+    _launch(_DS[_kind(x.dtype, prec)], grid, x)(
+        qt, x, da_c, lse, delta, work_seq, work_start, work_end, g, coef, eps,
+        HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC="ieee" if x.dtype == torch.float32 else prec, WRITE_P=need_dx,
     )
+    if need_dx:
+        qda = torch.cat([qt, da_c], dim=1)                                   # [S, 2·HM, Dc]
+        _launch(_DX[_kind(x.dtype, prec)], grid, x)(
+            g, qda, x, coef, work_seq, work_start, work_end, dx,
+            HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
+        )
     if need_dq:
         pdq = empty((max(num_slots, 1), HM, Dc), dtype=torch.float32, device=dev)
         grid = lambda meta: (triton.cdiv(HM, meta["BLOCK_Q"]) * W,)  # noqa: E731
-        _launch(_ctx_attn_bwd_dq_kernel, grid, x)(
-            ds, x, work_seq, work_start, work_end, work_slot, pdq, dq,
+        _launch(_DQ[_kind(x.dtype, prec)], grid, x)(
+            g, x, work_seq, work_start, work_end, work_slot, pdq, dq,
             HM=HM, DC=Dc, BLOCK_D=BD, DOT_PREC=prec,
         )
         numel = HM * Dc
