@@ -138,10 +138,15 @@ def test_batch_fields():
     assert not b.is_decode and LoraBatch.build([1, 1], [0, 1]).is_decode
     # tiles never straddle sequences; empty sequences get none
     assert b.tiles(2).tolist() == [[0, 0], [0, 2], [2, 3], [3, 5]]
-    plan = b.rank_plan(3, 4)
-    assert plan["block_r"] == 16
-    assert plan["rr_pool"][2, :3].tolist() == [0, 0, 2] and plan["rr_j"][2, :4].tolist() == [0, 1, 0, -1]
-    assert plan["use_ptr"].tolist() == [0, 1, 2, 3] and plan["use_entry"].tolist() == [1, 0, 2]
+    plan = b.entry_plan(3, 4, 2)
+    assert plan["block_e"] == 16 and plan["h_width"] == 32
+    assert plan["ranks"].tolist() == [2, 4, 1] and plan["row_seq"].tolist() == [0, 0, 0, 2, 2, 3]
+    # backward work items: (entry, chunk of <= 2 rows), ordered by pool entry, entry, chunk
+    assert plan["item_entry"].tolist() == [1, 0, 0, 2]
+    assert plan["item_slot"].tolist() == [0, 0, 0, 1]
+    assert plan["item_row0"].tolist() == [3, 0, 2, 3] and plan["item_row1"].tolist() == [5, 2, 3, 5]
+    assert plan["item_ptr"].tolist() == [0, 1, 3, 4]
+    assert b.entry_plan(3, 20, 2)["block_e"] == 32
     # tensor inputs are accepted too
     b2 = LoraBatch.build(torch.tensor([2, 2]), torch.tensor([0, -1]))
     assert b2.adapter_idx.tolist() == [0] and b2.adapter_ptr.tolist() == [0, 1, 1]
@@ -174,24 +179,27 @@ def _op_args(scale_vec: bool):
     a = kw["lora_a"].requires_grad_()
     b = kw["lora_b"].requires_grad_()
     scale = torch.rand(P) if scale_vec else 1.5
-    meta, sv, sf, bm, _ = lora_triton._prepare(x, a, batch, scale)
-    return x, kw["weight"], kw["bias"], a, b, meta, sv, sf, bm
+    meta, sv, sf, bm, hw, rows = lora_triton._prepare(x, a, batch, scale)
+    return x, kw["weight"], kw["bias"], a, b, meta, sv, sf, bm, hw, rows
 
 
 @pytest.mark.parametrize("scale_vec", [False, True], ids=["scale_float", "scale_vec"])
 def test_opcheck_forward(scale_vec):
-    x, w, bias, a, b, meta, sv, sf, bm = _op_args(scale_vec)
-    torch.library.opcheck(torch.ops.f2l.lora_fwd.default, (x, w, bias, a, b, meta, sv, sf, bm, False, True))
+    x, w, bias, a, b, meta, sv, sf, bm, hw, rows = _op_args(scale_vec)
+    for row_mode in (rows, not rows):
+        torch.library.opcheck(torch.ops.f2l.lora_fwd.default,
+                              (x, w, bias, a, b, meta, sv, sf, bm, hw, row_mode, True))
 
 
 def test_opcheck_backward():
-    x, w, bias, a, b, meta, sv, sf, bm = _op_args(False)
-    with torch.no_grad():
-        _, h = torch.ops.f2l.lora_fwd(x, w, bias, a, b, meta, sv, sf, bm, False, True)
-    dy = torch.randn(x.shape[0], D_OUT)
-    torch.library.opcheck(torch.ops.f2l.lora_bwd.default,
-                          (dy, x.detach(), w, a.detach(), b.detach(), h, meta, sv, sf, bm),
-                          test_utils=("test_schema", "test_faketensor"))
+    x, w, bias, a, b, meta, sv, sf, bm, hw, rows = _op_args(False)
+    for row_mode in (rows, not rows):
+        with torch.no_grad():
+            _, h = torch.ops.f2l.lora_fwd(x, w, bias, a, b, meta, sv, sf, bm, hw, row_mode, True)
+        dy = torch.randn(x.shape[0], D_OUT)
+        torch.library.opcheck(torch.ops.f2l.lora_bwd.default,
+                              (dy, x.detach(), w, a.detach(), b.detach(), h, meta, sv, sf, bm, hw, row_mode),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_traces_the_op():
