@@ -219,3 +219,41 @@ def test_torch_compile_traces_the_op():
     y_eager.sum().backward()
     for t, u in zip(ins, ins2):
         torch.testing.assert_close(t.grad, u.grad)
+
+
+def test_fp32_precision_follows_torch_settings(monkeypatch):
+    # IEEE fp32 products by default; TF32 only where the caller allows it
+    monkeypatch.setattr(lora_triton, "_INTERPRET", False)
+    prec = torch.get_float32_matmul_precision()
+    allow = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        assert lora_triton._dot_prec(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert lora_triton._dot_prec(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert lora_triton._dot_prec(torch.float32) == "tf32"
+        assert lora_triton._dot_prec(torch.bfloat16) == "tf32"  # ignored for 16-bit operands
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def test_row_and_tile_paths_agree():
+    # the same rows through both forward paths (and both backward paths)
+    torch.manual_seed(1)
+    x = torch.randn(40, D_IN)
+    w, bias = torch.randn(D_OUT, D_IN), torch.randn(D_OUT)
+    a, b = torch.randn(P, R, D_IN), torch.randn(P, D_OUT, R)
+    batch = LoraBatch.build([18, 22], [[0, 2], 1], ranks=[4, 3, 2], weights=[[0.5, -1.0], None])
+    meta, sv, sf, bm, hw, rows = lora_triton._prepare(x, a, batch, 0.75)
+    assert not rows
+    outs = [torch.ops.f2l.lora_fwd(x, w, bias, a, b, meta, sv, sf, bm, hw, mode, True) for mode in (False, True)]
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+    dy = torch.randn(40, D_OUT)
+    grads = [torch.ops.f2l.lora_bwd(dy, x, w, a, b, outs[0][1], meta, sv, sf, bm, hw, mode) for mode in (False, True)]
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-5)
