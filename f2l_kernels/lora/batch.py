@@ -2,9 +2,10 @@
 
 Built once per forward (host side, from Python lists) and shared by every layer. The
 field names and meanings are the contract with the CUDA decode kernel
-(``docs/internals.md``); the tile schedule and the inverse pool -> uses map are extra
-fields computed lazily and cached, because they depend on the launch (``BLOCK_M``) or
-only matter for the backward.
+(``docs/internals.md``); the Triton kernels' tile schedule and per-entry plan (rank-slot
+width, row -> sequence map, the backward's work items) are computed lazily and cached,
+because they depend on the launch (``BLOCK_M``, the pool's ``r_max``) or only matter for
+the backward.
 """
 from __future__ import annotations
 

@@ -89,13 +89,6 @@ def _linear_configs():
     ]
 
 
-def _shrink_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4)]]
-
-
 def _grad_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_C": 64, "BLOCK_T": 16}, num_warps=4, num_stages=1)]
@@ -119,7 +112,6 @@ def _entry(ADAPTER_IDX, ADAPTER_W, RANKS, SCALE, e, scale_f, SCALE_VEC: tl.const
     return p.to(tl.int64), r_p, coef
 
 
-@triton.autotune(configs=_shrink_configs(), key=["K_DIM", "R_MAX", "BLOCK_M"])
 @triton.jit(do_not_specialize=["num_tiles", "num_slots"])
 def _lora_shrink_kernel(
     X, S, H, SCALE, TILES, SEQ_STARTS, ADAPTER_PTR, ADAPTER_IDX, ADAPTER_W, RANKS,
@@ -443,6 +435,19 @@ class _Lora:
         self.m, self.scale_vec, self.scale_f, self.r_max, self.block_e = meta, scale_vec, scale_f, r_max, block_e
 
 
+def _shrink_config(block_m: int, block_e: int) -> dict:
+    """Launch config of the tile shrink, sized to its [BM, BE] accumulator: one warp per
+    16x16 of it below the wgmma size (so no warp repeats another's MMA), one warpgroup per
+    64 rows above it. The shrink is a small part of the work; it is not autotuned."""
+    if _INTERPRET:
+        return {"BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    if block_m >= 64:
+        warps = block_m // 16
+    else:
+        warps = max(1, min(4, (block_m // 16) * (block_e // 16)))
+    return {"BLOCK_K": 64, "num_warps": min(8, warps), "num_stages": 3}
+
+
 def _shrink_tiles(x, lo: _Lora, h, block_m):
     """h[N, E·BE] = per entry slot c · x S̃ᵀ (tile path)."""
     m = lo.m
@@ -457,6 +462,7 @@ def _shrink_tiles(x, lo: _Lora, h, block_m):
         x.stride(0), x.stride(1), *lo.s_strides, h.stride(0),
         lo.scale_f,
         SCALE_VEC=sv is not None, DOT_PREC=_dot_prec(x.dtype), BLOCK_M=block_m, BLOCK_E=lo.block_e,
+        **_shrink_config(block_m, lo.block_e),
     )
 
 
@@ -671,12 +677,13 @@ def _lora_bwd_op(
         else:
             _linear_tiles(dy, weight, True, None, None, None, m, block_m, dx, False)
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    g = empty((n_rows, h_width), dtype=torch.float32, device=x.device)
     if row_mode:
-        g = _shrink_rows(dy, lo, split=False)
-        _rows_forward(dy, weight, True, None, lo, m, dx, False, hp=g)
-        g = g[0]
+        # g̃ by the tile shrink (one masked tile per short sequence): B read as [r, d_out] is
+        # contiguous along the rank, which a per-row GEMV could not load as vectors
+        _shrink_tiles(dy, lo, g, block_m)
+        _rows_forward(dy, weight, True, None, lo, m, dx, False, hp=g[None])
     else:
-        g = empty((n_rows, h_width), dtype=torch.float32, device=x.device)
         _shrink_tiles(dy, lo, g, block_m)
         _linear_tiles(dy, weight, True, None, lo, g, m, block_m, dx, False)
     da = empty((P, r_max, d_in), dtype=lora_a.dtype, device=x.device)
