@@ -145,7 +145,7 @@ class Case:
             fwd_b = elt * (2 * n * d_in + d_out * d_in + n * d_out) + per_row_ab + partial
             fwd_f = 2 * n * d_in * d_out + 2 * slots_rows * be * (d_in + d_out)
         else:
-            bm = lt._block_m(max(self.seq_lens))
+            bm = lt._block_m(max(self.seq_lens), be)
             padded = sum(-(-L // bm) * bm for L in self.seq_lens)
             padded_slots = sum(-(-L // bm) * bm * len(e) for L, e in zip(self.seq_lens, lists))
             h_io = 4 * n * hw * 2  # h written by the shrink, read by the linear kernel

@@ -403,13 +403,16 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _block_m(max_rows: int) -> int:
+def _block_m(max_rows: int, block_e: int = 16) -> int:
     """Row-tile height of the tile path: the MMA N of the transposed tiles (16..128).
-    Fixed per batch because the tile schedule (``LoraBatch.tiles``) depends on it."""
+    Fixed per batch because the tile schedule (``LoraBatch.tiles``) depends on it. Rank
+    slots of 64 and more cap it at 64: the expand's operands of a 128-row tile would fill
+    sm_80's register file (255 registers per thread, no margin left)."""
     if _INTERPRET:
         return 16
+    cap = 128 if block_e <= 32 else 64
     bm = 16
-    while bm < max_rows and bm < 128:
+    while bm < max_rows and bm < cap:
         bm *= 2
     return bm
 
@@ -756,7 +759,7 @@ def _prepare(x, lora_a, batch: LoraBatch, scale):
     P, r_max, _ = lora_a.shape
     plan = batch.entry_plan(P, r_max, GRAD_CHUNK)
     row_mode = batch.max_rows_per_seq < ROW_MODE_MAX_ROWS
-    block_m = _block_m(batch.max_rows_per_seq)
+    block_m = _block_m(batch.max_rows_per_seq, plan["block_e"])
     tiles = batch.tiles(block_m)
     meta = [tiles, batch.seq_starts, batch.adapter_ptr, batch.adapter_idx, batch.adapter_weight, plan["ranks"],
             plan["row_seq"], plan["item_entry"], plan["item_slot"], plan["item_row0"], plan["item_row1"],
