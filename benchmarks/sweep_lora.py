@@ -138,7 +138,7 @@ class Case:
             bs = 16
             while bs < n and bs < 64:
                 bs *= 2
-            cap = (d_in * elt) // (2 * 4 * max(1, n))
+            cap = lt._split_cap(d_in, elt, n)
             ys, _ = lt._splits(d_in, 128, -(-d_out // 64) * -(-n // bs), self.x.device, cap)
             partial = 4 * 2 * (hs * n * hw + ys * n * d_out)
             per_row_ab = slots_rows * self.r * (d_in + d_out) * elt  # each row reads its own A, B
