@@ -9,8 +9,10 @@ and >= r_max; ``E`` = most entries of any sequence). An entry's rank rows are co
 its pool slot, so every A/B load is a scalar pool base plus ``arange`` offsets: 16-byte
 vector loads (rank masks are applied with ``where`` after the load, bounds masks use the
 pool's static ``r_max`` / ``d``, so Triton can prove the runs contiguous and aligned).
-Compositions loop over the entries; ragged ranks zero the columns ``j >= r_p``; rows of a
-sequence without entries get no delta. No copies, no per-token gathers.
+The common case, one adapter per sequence, is one trip of the entry loop with the same
+contiguous loads; compositions loop over the entries; ragged ranks zero the columns
+``j >= r_p``; rows of a sequence without entries get no delta. No copies, no per-token
+gathers.
 
 Forward, sequences of >= 16 rows ("tile mode", prefill):
 1. ``_lora_shrink_kernel``: per row tile (never straddling sequences) and entry,
@@ -23,18 +25,18 @@ Forward, sequences of >= 16 rows ("tile mode", prefill):
    ``bf16`` matmul chain. Tiles are computed transposed (``yᵀ = W xᵀ``): d_out is the MMA
    M (64/128, one wgmma warpgroup per 64 rows), the rows are the MMA N (16..128; 64 for
    rank slots >= 64), so short sequences do not replicate tensor-core work across warps.
-   Extra bytes over the base GEMM: ``A + B`` per tile and the ``h`` round trip
-   (``N·Σr·4·(1 + d_out/BN)`` bytes, L2); extra FLOPs: ``2·N·Σr·(d_in + d_out)`` -- the
-   LoRA floor itself (the previous design recomputed the shrink per column block:
-   +Σr/BN of the base GEMM on top).
+   Extra bytes over the base GEMM: x once more (the shrink), ``A + B`` per tile and the
+   ``h`` round trip (``4·N·E·BE·(1 + ⌈d_out/BN⌉)`` bytes, mostly L2); extra FLOPs:
+   ``2·N·E·BE·(d_in + d_out)`` -- the LoRA floor up to the rank-slot padding (the previous
+   design recomputed the shrink per column block: +Σr/BN of the base GEMM on top).
 
 Forward, sequences of < 16 rows ("row mode", decode): every row has its own adapter, so
 the LoRA part is a batched GEMV and the base GEMM is skinny. Three launches:
 1. ``_lora_rows_shrink_kernel``: per (row, K split), ``[BE, BK]`` A tiles times the x row,
    reduced over K in registers (2-D tiles only, no spills); fp32 partials ``hp[split]``.
 2. ``_lora_rows_base_kernel``: ``x Wᵀ`` split over d_out blocks and K (fp32 partials
-   ``yp[split]``), computed transposed (d_out is the MMA M, the rows N >= 16): ~2 programs
-   per SM at 1..64 rows; every W element is read by exactly one program.
+   ``yp[split]``), computed transposed (d_out is the MMA M, the rows N >= 16): about one to
+   two programs per SM at 1..64 rows; every W element is read by exactly one program.
 3. ``_lora_rows_reduce_kernel``: per (row, d_out block) sums the partials in a fixed
    order, adds bias and the row's expand (its own B, vector loads) and stores y once.
    Deterministic (fixed-order reduction, no atomics). Bytes floor (bf16):
