@@ -20,7 +20,10 @@ Implementations in every case (same inputs, same run):
 
 Every row carries ms, GB/s and TFLOP/s on the *floor* bytes/FLOPs of the case (what must
 move / be computed once), ``floor_ms = max(bytes / peak_bw, flops / peak_flops)`` and the
-fraction of that floor achieved, plus speed-ups of f2l over each baseline.
+fraction of that floor achieved, plus speed-ups of f2l over each baseline. The ``f2l`` rows
+also carry ``design_bytes``/``design_flops``: the traffic and tensor-core work of the kernels'
+own schedule (shrink once per row into fp32 rank slots, base GEMM + expand epilogue; split-K
+partials in row mode; per-entry partials in the backward), with ``frac_of_design``.
 """
 from __future__ import annotations
 
@@ -112,6 +115,52 @@ class Case:
             return bwd_bytes, bwd_flops
         return fwd_bytes + bwd_bytes, fwd_flops + bwd_flops
 
+    def design(self, mode: str, elt: int) -> tuple[float, float]:
+        """Bytes and FLOPs of the kernels' own schedule (``f2l_kernels/lora/triton.py``): what
+        the f2l rows are measured against in ``frac_of_design``. Counts every tensor a launch
+        reads or writes once per launch (re-reads served by the L2 are not counted), and the
+        tensor-core work including tile and rank-slot padding."""
+        from f2l_kernels.lora import triton as lt
+
+        n, d_in, d_out = sum(self.seq_lens), self.d_in, self.d_out
+        lists = [e if isinstance(e, list) else [e] for e in self.ids]
+        E = max(len(e) for e in lists)
+        be = lt._block_e(self.r)
+        hw = E * be
+        slots_rows = sum(L * len(e) for L, e in zip(self.seq_lens, lists))  # Σ_rows entries
+        used = len({p for e in lists for p in e})
+        ab = used * self.r * (d_in + d_out) * elt
+        row_mode = max(self.seq_lens) < lt.ROW_MODE_MAX_ROWS
+        if row_mode:
+            # rows: shrink GEMV partials, split-K base partials, per-row reduce + expand
+            bk = max(32, 4096 // be)
+            hs, _ = lt._splits(d_in, bk, n, self.x.device) if mode == "fwd" else (1, 0)
+            bs = 16
+            while bs < n and bs < 64:
+                bs *= 2
+            cap = lt._split_cap(d_in, elt, n)
+            ys, _ = lt._splits(d_in, 128, -(-d_out // 64) * -(-n // bs), self.x.device, cap)
+            partial = 4 * 2 * (hs * n * hw + ys * n * d_out)
+            per_row_ab = slots_rows * self.r * (d_in + d_out) * elt  # each row reads its own A, B
+            fwd_b = elt * (2 * n * d_in + d_out * d_in + n * d_out) + per_row_ab + partial
+            fwd_f = 2 * n * d_in * d_out + 2 * slots_rows * be * (d_in + d_out)
+        else:
+            bm = lt._block_m(max(self.seq_lens), be)
+            padded = sum(-(-L // bm) * bm for L in self.seq_lens)
+            padded_slots = sum(-(-L // bm) * bm * len(e) for L, e in zip(self.seq_lens, lists))
+            h_io = 4 * n * hw * 2  # h written by the shrink, read by the linear kernel
+            fwd_b = elt * (2 * n * d_in + d_out * d_in + n * d_out) + ab + h_io
+            fwd_f = 2 * padded * d_in * d_out + 2 * padded_slots * be * (d_in + d_out)
+        if mode == "fwd":
+            return fwd_b, fwd_f
+        # backward: g̃ shrink (dy, B), dx (dy, W, A; dx written), dA/dB partials + reduce
+        items = sum(len(e) * -(-L // lt.GRAD_CHUNK) for L, e in zip(self.seq_lens, lists))
+        parts = 4 * 2 * items * be * (d_in + d_out)
+        bwd_b = (elt * (2 * n * d_out + d_out * d_in + n * d_in + n * d_in + n * d_out) + 2 * ab
+                 + 4 * n * hw * 3 + parts)
+        bwd_f = fwd_f + 2 * slots_rows * be * (d_in + d_out)
+        return bwd_b, bwd_f
+
 
 def impls(c: Case, with_cuda: bool):
     """name -> callable(x, a, b, w=c.w) -> y for the forward; all share ``c``'s metadata."""
@@ -176,6 +225,11 @@ def impls(c: Case, with_cuda: bool):
 
 def _row(c: Case, mode: str, impl: str, ms: float, bytes_, flops, pk, extra=None):
     floor_ms = max(bytes_ / (pk["hbm_gbps"] * 1e9), flops / (pk["bf16_tflops"] * 1e12)) * 1e3
+    if impl == "f2l":
+        db, dfl = c.design("fwd" if mode != "backward" else "bwd", c.x.element_size())
+        design_ms = max(db / (pk["hbm_gbps"] * 1e9), dfl / (pk["bf16_tflops"] * 1e12)) * 1e3
+        extra = dict(extra or {}, design_bytes=db, design_flops=dfl, design_ms=design_ms,
+                     frac_of_design=design_ms / ms)
     r = {
         "op": "lora_linear", "case": mode, "backend": impl, "shape": c.shape, "d_in": c.d_in, "d_out": c.d_out,
         "r": c.r, "seqs": len(c.seq_lens), "rows": sum(c.seq_lens), "segments": c.slots,

@@ -58,6 +58,14 @@ CASES = [
     Case("decode_wide_composition", [1] * 4, [[0, 1, 2], 2, [2, 0], [1, 2, 0]], r_max=8, d_in=40),
     Case("prefill_wide_composition", [6, 9], [[0, 1, 2], [2, 0]], r_max=8, weights=[[1.0, 0.5, -1.0], None]),
     Case("all_sequences_empty", [0, 0], [0, [1, 2]]),
+    # row mode with a K split of the shrink and the base GEMM (several partials, the last one short)
+    Case("decode_split_k", [1] * 3, [1, [0, 2], -1], d_in=100, d_out=33),
+    # tile mode (sequences of >= 16 rows): the shrink/linear kernels instead of the row kernels
+    Case("tile_rank1", [18, 16], [0, 1], r_max=1),
+    Case("tile_rank3_d_odd", [17, 19], [2, 0], r_max=3, d_in=37, d_out=45),
+    Case("tile_composition_ragged_last_slot", [20, 0, 17, 16], [[0, 1, 3], -1, [3, 2], 3], pool=4,
+         ranks=[2, 4, 3, 1], weights=[[1.0, -0.5, 2.0], None, 0.7, None], scale="vec"),
+    Case("tile_repeated_and_no_adapter", [16, 21, 18], [1, None, [1, 1]], bias=False),
 ]
 
 
@@ -162,7 +170,8 @@ def test_lora_linear_matches_reference(case: Case, dtype):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in
                                   ("composition_weighted", "ragged_ranks", "decode", "empty_sequence",
-                                   "decode_ragged_last_slot")],
+                                   "decode_ragged_last_slot", "decode_split_k",
+                                   "tile_composition_ragged_last_slot")],
                          ids=lambda c: c.id)
 def test_lora_delta_and_out_accumulate(case: Case):
     g, scale, batch = make_inputs(case, torch.float32)
@@ -177,7 +186,8 @@ def test_lora_delta_and_out_accumulate(case: Case):
         torch.testing.assert_close(out, base + ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("composition_weighted", "decode_ragged_last_slot")],
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("composition_weighted", "decode_ragged_last_slot",
+                                                                 "tile_composition_ragged_last_slot")],
                          ids=lambda c: c.id)
 def test_lora_delta_gradients(case: Case):
     g, scale, batch = make_inputs(case, torch.float32)
@@ -240,8 +250,9 @@ def test_composition_equals_concat_adapters(backend):
     torch.testing.assert_close(listed, concat, atol=1e-5, rtol=1e-5)
 
 
-def test_backward_is_deterministic():
-    c = Case("det", [9, 1, 12], [[0, 1], 1, [1, 2, 1]], weights=[[0.3, 2.0], None, [1.0, -1.0, 0.5]])
+@pytest.mark.parametrize("lens", [[9, 1, 12], [20, 1, 35]], ids=["row_mode", "tile_mode"])
+def test_backward_is_deterministic(lens):
+    c = Case("det", lens, [[0, 1], 1, [1, 2, 1]], weights=[[0.3, 2.0], None, [1.0, -1.0, 0.5]])
     g, scale, batch = make_inputs(c, torch.bfloat16)
     dy = torch.randn(sum(c.seq_lens), c.d_out).bfloat16()
     runs = []

@@ -138,10 +138,15 @@ def test_batch_fields():
     assert not b.is_decode and LoraBatch.build([1, 1], [0, 1]).is_decode
     # tiles never straddle sequences; empty sequences get none
     assert b.tiles(2).tolist() == [[0, 0], [0, 2], [2, 3], [3, 5]]
-    plan = b.rank_plan(3, 4)
-    assert plan["block_r"] == 16
-    assert plan["rr_pool"][2, :3].tolist() == [0, 0, 2] and plan["rr_j"][2, :4].tolist() == [0, 1, 0, -1]
-    assert plan["use_ptr"].tolist() == [0, 1, 2, 3] and plan["use_entry"].tolist() == [1, 0, 2]
+    plan = b.entry_plan(3, 4, 2)
+    assert plan["block_e"] == 16 and plan["h_width"] == 32
+    assert plan["ranks"].tolist() == [2, 4, 1] and plan["row_seq"].tolist() == [0, 0, 0, 2, 2, 3]
+    # backward work items: (entry, chunk of <= 2 rows), ordered by pool entry, entry, chunk
+    assert plan["item_entry"].tolist() == [1, 0, 0, 2]
+    assert plan["item_slot"].tolist() == [0, 0, 0, 1]
+    assert plan["item_row0"].tolist() == [3, 0, 2, 3] and plan["item_row1"].tolist() == [5, 2, 3, 5]
+    assert plan["item_ptr"].tolist() == [0, 1, 3, 4]
+    assert b.entry_plan(3, 20, 2)["block_e"] == 32
     # tensor inputs are accepted too
     b2 = LoraBatch.build(torch.tensor([2, 2]), torch.tensor([0, -1]))
     assert b2.adapter_idx.tolist() == [0] and b2.adapter_ptr.tolist() == [0, 1, 1]
@@ -174,24 +179,27 @@ def _op_args(scale_vec: bool):
     a = kw["lora_a"].requires_grad_()
     b = kw["lora_b"].requires_grad_()
     scale = torch.rand(P) if scale_vec else 1.5
-    meta, sv, sf, bm, _ = lora_triton._prepare(x, a, batch, scale)
-    return x, kw["weight"], kw["bias"], a, b, meta, sv, sf, bm
+    meta, sv, sf, bm, hw, rows = lora_triton._prepare(x, a, batch, scale)
+    return x, kw["weight"], kw["bias"], a, b, meta, sv, sf, bm, hw, rows
 
 
 @pytest.mark.parametrize("scale_vec", [False, True], ids=["scale_float", "scale_vec"])
 def test_opcheck_forward(scale_vec):
-    x, w, bias, a, b, meta, sv, sf, bm = _op_args(scale_vec)
-    torch.library.opcheck(torch.ops.f2l.lora_fwd.default, (x, w, bias, a, b, meta, sv, sf, bm, False, True))
+    x, w, bias, a, b, meta, sv, sf, bm, hw, rows = _op_args(scale_vec)
+    for row_mode in (rows, not rows):
+        torch.library.opcheck(torch.ops.f2l.lora_fwd.default,
+                              (x, w, bias, a, b, meta, sv, sf, bm, hw, row_mode, True))
 
 
 def test_opcheck_backward():
-    x, w, bias, a, b, meta, sv, sf, bm = _op_args(False)
-    with torch.no_grad():
-        _, h = torch.ops.f2l.lora_fwd(x, w, bias, a, b, meta, sv, sf, bm, False, True)
-    dy = torch.randn(x.shape[0], D_OUT)
-    torch.library.opcheck(torch.ops.f2l.lora_bwd.default,
-                          (dy, x.detach(), w, a.detach(), b.detach(), h, meta, sv, sf, bm),
-                          test_utils=("test_schema", "test_faketensor"))
+    x, w, bias, a, b, meta, sv, sf, bm, hw, rows = _op_args(False)
+    for row_mode in (rows, not rows):
+        with torch.no_grad():
+            _, h = torch.ops.f2l.lora_fwd(x, w, bias, a, b, meta, sv, sf, bm, hw, row_mode, True)
+        dy = torch.randn(x.shape[0], D_OUT)
+        torch.library.opcheck(torch.ops.f2l.lora_bwd.default,
+                              (dy, x.detach(), w, a.detach(), b.detach(), h, meta, sv, sf, bm, hw, row_mode),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_traces_the_op():
@@ -211,3 +219,41 @@ def test_torch_compile_traces_the_op():
     y_eager.sum().backward()
     for t, u in zip(ins, ins2):
         torch.testing.assert_close(t.grad, u.grad)
+
+
+def test_fp32_precision_follows_torch_settings(monkeypatch):
+    # IEEE fp32 products by default; TF32 only where the caller allows it
+    monkeypatch.setattr(lora_triton, "_INTERPRET", False)
+    prec = torch.get_float32_matmul_precision()
+    allow = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        assert lora_triton._dot_prec(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert lora_triton._dot_prec(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert lora_triton._dot_prec(torch.float32) == "tf32"
+        assert lora_triton._dot_prec(torch.bfloat16) == "tf32"  # ignored for 16-bit operands
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def test_row_and_tile_paths_agree():
+    # the same rows through both forward paths (and both backward paths)
+    torch.manual_seed(1)
+    x = torch.randn(40, D_IN)
+    w, bias = torch.randn(D_OUT, D_IN), torch.randn(D_OUT)
+    a, b = torch.randn(P, R, D_IN), torch.randn(P, D_OUT, R)
+    batch = LoraBatch.build([18, 22], [[0, 2], 1], ranks=[4, 3, 2], weights=[[0.5, -1.0], None])
+    meta, sv, sf, bm, hw, rows = lora_triton._prepare(x, a, batch, 0.75)
+    assert not rows
+    outs = [torch.ops.f2l.lora_fwd(x, w, bias, a, b, meta, sv, sf, bm, hw, mode, True) for mode in (False, True)]
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+    dy = torch.randn(40, D_OUT)
+    grads = [torch.ops.f2l.lora_bwd(dy, x, w, a, b, outs[0][1], meta, sv, sf, bm, hw, mode) for mode in (False, True)]
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-5)

@@ -2,9 +2,10 @@
 
 Built once per forward (host side, from Python lists) and shared by every layer. The
 field names and meanings are the contract with the CUDA decode kernel
-(``docs/internals.md``); the tile schedule and the inverse pool -> uses map are extra
-fields computed lazily and cached, because they depend on the launch (``BLOCK_M``) or
-only matter for the backward.
+(``docs/internals.md``); the Triton kernels' tile schedule and per-entry plan (rank-slot
+width, row -> sequence map, the backward's work items) are computed lazily and cached,
+because they depend on the launch (``BLOCK_M``, the pool's ``r_max``) or only matter for
+the backward.
 """
 from __future__ import annotations
 
@@ -305,72 +306,62 @@ class LoraBatch:
         )
 
     # ---------------------------------------------------------- kernel plans
-    def rank_plan(self, pool_size: int, r_max: int) -> dict:
-        """Per-sequence rank rows for the kernels, cached per ``(P, r_max)``.
+    def entry_plan(self, pool_size: int, r_max: int, chunk: int) -> dict:
+        """Per-entry metadata of the Triton kernels, cached per ``(P, r_max, chunk)``.
 
-        Sequence ``i``'s adapter list is laid out in rank space: its ``q``-th rank row is
-        row ``rr_j[i, q]`` of pool entry ``rr_pool[i, q]`` with weight ``rr_w[i, q]``
-        (``rr_j = -1`` past the sequence's total rank). Kernels gather A/B rows through
-        this map, so compositions and ragged ranks cost no copies and no zero padding in
-        memory; ``block_r`` (>= 16, a power of two) is the register width that holds the
-        largest total rank. Also: ``entry_off [K]`` (first rank row of each list entry),
-        ``entry_seq [K]``, and the pool-indexed CSR ``use_ptr [P+1]`` / ``use_entry [K]``
-        of the list entries that use each pool entry, ascending (the backward's fixed
-        reduction order).
+        The kernels walk each sequence's list entries (``adapter_ptr`` / ``adapter_idx`` /
+        ``adapter_weight``); entry ``k`` of a sequence owns slot ``k`` of the rank-space
+        buffers ``h``/``g`` (columns ``k·block_e : k·block_e + r_p``), so every slot starts
+        at a multiple of ``block_e`` and all A/B/h loads are contiguous runs from a scalar
+        base. ``block_e`` (a power of two >= 16 and >= ``r_max``) depends on the pool only.
+
+        Also: ``ranks [P]`` (effective ranks, ``r_max`` when not given), ``row_seq [N]``
+        (sequence of each row, for the row-wise kernels), and the backward's work items:
+        each list entry's rows split into chunks of ``chunk`` rows, ordered by pool entry,
+        then entry, then chunk (``item_entry``, ``item_slot``, ``item_row0``, ``item_row1``
+        ``[I]``, and the pool-indexed CSR ``item_ptr [P+1]``). Partial sums of the items of
+        one pool entry are added in that fixed order: the same bits every run.
         """
-        key = ("plan", pool_size, r_max)
+        key = ("entries", pool_size, r_max, chunk)
         plan = self._cache.get(key)
         if plan is not None:
             return plan
         rk = self.ranks_host if self.ranks_host is not None else [r_max] * pool_size
-        ptr, idx, wts = self.adapter_ptr_host, self.adapter_idx_host, self.adapter_weight_host
-        totals, offs = [], []
+        ptr, idx = self.adapter_ptr_host, self.adapter_idx_host
+        starts = self._starts_host
+        block_e = 16
+        while block_e < r_max:
+            block_e *= 2
+        row_seq = [i for i, n in enumerate(self.seq_lens_host) for _ in range(n)]
+        items = []  # (pool, entry, slot, row0, row1)
         for i in range(self.num_seqs):
-            t = 0
             for k in range(ptr[i], ptr[i + 1]):
-                offs.append(t)
-                t += rk[idx[k]]
-            totals.append(t)
-        max_total = max(totals, default=0)
-        block_r = 16
-        while block_r < max_total:
-            block_r *= 2
-        S = self.num_seqs
-        rr_pool = torch.zeros(S, block_r, dtype=torch.int32)
-        rr_j = torch.full((S, block_r), -1, dtype=torch.int32)
-        rr_w = torch.zeros(S, block_r, dtype=torch.float32)
-        for i in range(S):
-            for k in range(ptr[i], ptr[i + 1]):
-                p, o, r = idx[k], offs[k], rk[idx[k]]
-                if r == 0:
+                if rk[idx[k]] == 0:
                     continue
-                rr_pool[i, o:o + r] = p
-                rr_j[i, o:o + r] = torch.arange(r, dtype=torch.int32)
-                rr_w[i, o:o + r] = wts[k]
-        by_pool: list[list[int]] = [[] for _ in range(pool_size)]
-        for k, p in enumerate(idx):
-            by_pool[p].append(k)
-        use_ptr, use_entry = [0], []
+                for r0 in range(starts[i], starts[i + 1], chunk):
+                    items.append((idx[k], k, k - ptr[i], r0, min(r0 + chunk, starts[i + 1])))
+        items.sort(key=lambda t: (t[0], t[1], t[3]))
+        item_ptr = [0] * (pool_size + 1)
+        for t in items:
+            item_ptr[t[0] + 1] += 1
         for p in range(pool_size):
-            use_entry.extend(by_pool[p])
-            use_ptr.append(len(use_entry))
-        seq_of = [i for i in range(S) for _ in range(ptr[i], ptr[i + 1])]
+            item_ptr[p + 1] += item_ptr[p]
         dev = self.device
 
         def it(v):
             return torch.tensor(v, dtype=torch.int32).to(dev)
 
         plan = {
-            "block_r": block_r,
-            "max_total_rank": max_total,
-            "rr_pool": rr_pool.to(dev),
-            "rr_j": rr_j.to(dev),
-            "rr_w": rr_w.to(dev),
+            "block_e": block_e,
+            "h_width": max(1, self.max_adapters_per_seq) * block_e,
+            "num_items": len(items),
             "ranks": it(rk),
-            "entry_off": it(offs),
-            "entry_seq": it(seq_of),
-            "use_ptr": it(use_ptr),
-            "use_entry": it(use_entry),
+            "row_seq": it(row_seq),
+            "item_entry": it([t[1] for t in items]),
+            "item_slot": it([t[2] for t in items]),
+            "item_row0": it([t[3] for t in items]),
+            "item_row1": it([t[4] for t in items]),
+            "item_ptr": it(item_ptr),
         }
         self._cache[key] = plan
         return plan
