@@ -316,7 +316,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _demo_run(args) -> int:
     from f2l.demo import run_demo
 
-    run_demo(args.out_dir, quick=args.quick, seed=args.seed, device=args.device)
+    run_demo(args.out_dir, quick=args.quick, seed=args.seed, device=args.device, base=args.base)
     return EXIT_OK
 
 

@@ -97,12 +97,15 @@ def sample_items(rng: np.random.Generator, n: int, frames: int, *, multi_prob: f
                  size: int = 48) -> list[tuple[torch.Tensor, syn.QA]]:
     """``n`` (frames uint8 [F, S, S, 3], question) pairs of fresh renders.
 
-    One-segment videos get one of :data:`SINGLE`; videos of 2-3 segments one of
-    :data:`MULTI`, each kind equally likely within its group.
+    With probability ``multi_prob`` the batch is of videos of 2-3 segments, asked one of
+    :data:`MULTI` each, else of one-segment videos asked one of :data:`SINGLE`; kinds are
+    equally likely within their group.
     """
     out = []
+    # One kind of video per batch: padding a batch of one-segment videos to the length of
+    # a three-segment one would more than double its cost.
+    multi = bool(rng.random() < multi_prob)
     for _ in range(n):
-        multi = rng.random() < multi_prob
         k = int(rng.integers(2, len(syn.SHAPES) + 1)) if multi else 1
         specs: list[syn.SegmentSpec] = []
         for _ in range(k):
