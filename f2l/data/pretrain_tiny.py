@@ -14,7 +14,8 @@ of one question per video, the video's frames in the prompt exactly as
 disjoint seed stream). Question kinds: ``colour``, ``shape``, ``direction``, ``count`` of
 one-segment videos, and for videos of 2-3 segments ``colour_of`` ("What colour is the
 circle?"), ``first_shape`` (which segment came first) and ``has_colour``. Frame counts
-vary per step (4 to 16 frames a segment), so the base reads longer videos in context too.
+vary per step (1 to 4 frames a segment in the first half, 4 to 16 in the second), so the base
+reads longer videos in context too.
 
 The architecture is the ``tiny`` preset's (48 px frames, 8 px patches, pixel shuffle 2:
 9 visual tokens a frame; 4 decoder layers) with the
@@ -56,6 +57,9 @@ SEEING_TEXT = dict(
     tie_word_embeddings=False,
     attention_bias=False,
     mlp_bias=False,
+    # 0.02 (the HF default) leaves attention from the answer to the image tokens so weak that
+    # a from-scratch model sits at chance for many hundred steps; ~1/sqrt(width) learns at once.
+    initializer_range=0.1,
 )
 SEEING_VISION = dict(
     model_type="smolvlm_vision",
@@ -70,8 +74,10 @@ SEEING_VISION = dict(
 SCALE_FACTOR = 2
 SINGLE = ("colour", "shape", "direction", "count")
 MULTI = ("colour_of", "first_shape", "has_colour")
-# (frames per segment, probability) of a training step; long videos are rarer (they cost more).
-FRAME_CHOICES = ((4, 0.8), (8, 0.15), (16, 0.05))
+# (frames per segment, probability) of a training step, per phase. The first half sees short
+# videos: with few positions to attend to, the answer finds the image tokens sooner; the
+# second half moves to the demo's 4 frames a segment and longer videos (rarer: they cost more).
+FRAME_CHOICES = (((1, 0.35), (2, 0.35), (4, 0.3)), ((4, 0.8), (8, 0.15), (16, 0.05)))
 
 
 def build_untrained(seed: int = 0):
@@ -98,13 +104,14 @@ def sample_items(rng: np.random.Generator, n: int, frames: int, *, multi_prob: f
     """``n`` (frames uint8 [F, S, S, 3], question) pairs of fresh renders.
 
     With probability ``multi_prob`` the batch is of videos of 2-3 segments, asked one of
-    :data:`MULTI` each, else of one-segment videos asked one of :data:`SINGLE`; kinds are
-    equally likely within their group.
+    :data:`MULTI` each, else of one-segment videos asked one of :data:`SINGLE` (not
+    ``direction`` when ``frames == 1``); kinds are equally likely within their group.
     """
     out = []
-    # One kind of video per batch: padding a batch of one-segment videos to the length of
-    # a three-segment one would more than double its cost.
+    # One kind of video per batch: padding one-segment videos to the length of a
+    # three-segment one would more than double a batch's cost.
     multi = bool(rng.random() < multi_prob)
+    single = SINGLE if frames > 1 else tuple(k for k in SINGLE if k != "direction")  # one frame: no motion
     for _ in range(n):
         k = int(rng.integers(2, len(syn.SHAPES) + 1)) if multi else 1
         specs: list[syn.SegmentSpec] = []
@@ -113,7 +120,7 @@ def sample_items(rng: np.random.Generator, n: int, frames: int, *, multi_prob: f
         parts = [syn.render_segment(s, frames, size, rng=rng, radius=syn.seeing_radius(s.count)) for s in specs]
         vid = syn.SyntheticVideo(id="", frames=torch.from_numpy(np.concatenate(parts)), segments=specs,
                                  frames_per_segment=frames, seed=0)
-        kinds = MULTI if multi else SINGLE
+        kinds = MULTI if multi else single
         kind = kinds[int(rng.integers(len(kinds)))]
         qs = vid.questions([kind])
         out.append((vid.frames, qs[int(rng.integers(len(qs)))]))
@@ -210,12 +217,12 @@ def closed_set_accuracy(base, items, *, batch: int = 64) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
-def _frames_schedule(rng: np.random.Generator) -> int:
-    fs, ps = zip(*FRAME_CHOICES)
+def _frames_schedule(rng: np.random.Generator, phase: int) -> int:
+    fs, ps = zip(*FRAME_CHOICES[phase])
     return int(rng.choice(fs, p=np.array(ps) / sum(ps)))
 
 
-def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = 900, batch_size: int = 12, lr: float = 3e-3,
+def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = 700, batch_size: int = 12, lr: float = 3e-3,
              seed: int = 0, eval_videos: int = 70, progress: bool = True) -> dict:
     """Train the base, evaluate it held out, write the checkpoint directory. Returns the report."""
     from f2l.config import atomic_write_text
@@ -243,9 +250,9 @@ def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = 900, batch_
     bar = tqdm(range(steps), desc="pretrain base", unit="step", disable=not progress)
     ema = None
     for step in bar:
-        frames = _frames_schedule(rng)
+        frames = _frames_schedule(rng, int(step >= steps // 2))
         # Keep a step's token count roughly constant: long videos come in smaller batches.
-        n = max(4, int(batch_size * 4 / frames)) if frames > 4 else batch_size
+        n = min(2 * batch_size, max(4, batch_size * 4 // frames))
         items = sample_items(rng, n, frames)
         loss = answer_loss(base, items)
         opt.zero_grad(set_to_none=True)
@@ -319,7 +326,7 @@ def load_seeing_base(path: str | os.PathLike | None = None, *, device=None, dtyp
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m f2l.data.pretrain_tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ASSET_DIR), help="checkpoint directory to write (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
