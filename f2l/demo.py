@@ -65,7 +65,7 @@ class DemoSettings:
     """Sizes of one demo run (``quick`` shrinks every one for the smoke test)."""
 
     frames: int = 4  # N: frames a segment, for training and the base evaluation
-    train_segments: int = 288  # one-segment train videos (2 per attribute combination)
+    train_segments: int = 432  # one-segment train videos (3 per attribute combination)
     train_multi: int = 96  # 2-3 segment train videos (order question, one adapter each)
     train_joins: int = 192  # joins of 2-3 train segments (composition stage)
     test_segments: int = 48
