@@ -75,6 +75,7 @@ _COMMANDS = [
     _Command("infer", "answer every row of a JSONL manifest (batched, resumable)"),
     _Command("train", "train a hypernetwork on JSONL manifests"),
     _Command("teacher", "fill a manifest's target_text by greedy generation with the video in context"),
+    _Command("eval", "compare two systems' answers: EM/F1, paired bootstrap CI, equivalence, non-inferiority"),
     _Command("bench", "run the end-to-end benchmark (benchmarks/bench_end_to_end.py)", passthrough=True),
 ]
 _BY_NAME = {c.name: c for c in _COMMANDS}
@@ -330,8 +331,23 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _demo_run(args) -> int:
     from f2l.demo import run_demo
 
-    run_demo(args.out_dir, quick=args.quick, seed=args.seed, device=args.device)
+    run_demo(args.out_dir, quick=args.quick, seed=args.seed, device=args.device, base=args.base)
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from f2l.eval import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _eval_run(args) -> int:
+    from f2l.eval import run_eval_cli
+
+    return run_eval_cli(args)
 
 
 # --------------------------------------------------------------------------- internalize

@@ -1,61 +1,82 @@
-"""``f2l demo``: does it work? Train a real Frames2LoRA hypernetwork end to end and show
-that the frozen model answers from the adapter alone.
+"""``f2l demo``: the paper's claims in miniature, measured on CPU.
 
-What runs (a few minutes on two CPU cores; a GPU is used when there is one):
+The frozen base is ``tiny-seeing`` (:mod:`f2l.data.pretrain_tiny`, shipped in
+``f2l/assets/tiny_seeing``): a SmolVLM2-architecture model trained to answer questions
+about synthetic moving-shapes videos *with the video in context*. It plays SmolVLM2's
+role. The demo then runs the paper's pipeline on it:
 
-1. the ``tiny`` preset -- a SmolVLM2-architecture model with frozen random weights -- and
-   a fresh ``tiny`` hypernetwork;
-2. synthetic moving-shapes segments (:mod:`f2l.data.synthetic`), disjoint train and
-   held-out renders, each encoded by the frozen model **once** (the base never changes,
-   so its stacked layer states are cached and training touches only the hypernetwork and
-   short question prompts);
-3. training with :class:`f2l.train.Trainer`: single-segment adapters first, then
-   composition -- videos of 1-3 segments whose segment adapters are concatenated in rank
-   space, with questions about the whole video ("Is there a red shape?", as many "no"
-   as "yes" answers);
-4. evaluation on held-out videos: accuracy from the adapter alone (zero visual tokens),
-   without any adapter, chance, composed-segment accuracy, visual tokens at query time,
-   and query latency with the adapter vs with the video in the prompt.
+1. **Teacher targets.** The base answers every training question with the video in
+   context, through the ``f2l teacher`` machinery (:func:`f2l.teacher.run_teacher` on a
+   JSONL manifest in the authors' format); those answers are the training targets.
+2. **Hypernetwork.** A fresh ``tiny`` Frames2LoRA hypernetwork trained with
+   :class:`f2l.train.Trainer` on the teacher targets (cross-entropy; ``kl_weight`` adds the
+   KL to the in-context teacher) -- first on single videos (one-segment videos, and
+   multi-segment videos for the order question), then with composition: adapters of
+   separately internalized segments concatenated in rank space.
+3. **Held-out evaluation** (disjoint renders), everything greedy through the public API
+   (``Frames2LoRA.internalize`` / ``answer`` / ``answer_in_context``), scored by exact match
+   against the true answers, with :func:`f2l.eval.evaluate`'s paired statistics
+   (Delta = adapter - in context, 95% paired-bootstrap CI, equivalence and
+   non-inferiority at the margin):
 
-Accuracy is scored two ways. ``*_accuracy`` is closed-set: the argmax, over the question
-kind's answer words, of the logits at the first answer position (every answer is one
-token of the tiny tokenizer); it is the only fair score for the no-adapter baseline,
-whose free-form output is not an answer word at all. ``*_accuracy_greedy`` is the public
-path end to end -- ``Frames2LoRA.internalize`` on the raw frames, ``VideoAdapter.compose``
-for composed videos, ``Frames2LoRA.answer`` (greedy, KV-cached) -- scored by exact match of
-the normalised answer.
+   * per question kind (``colour``, ``shape``, ``direction``, ``count``; ``first_shape``:
+     which segment came first, one adapter for the whole multi-segment video), adapter-only
+     vs video-in-context, plus no-adapter accuracy and chance;
+   * **composition**: 2-3 segments internalized separately and composed, vs the base with
+     the joined video in context (``colour_of``: "What colour is the circle?");
+   * **frame sweep**: the hypernetwork trained on N frames a segment, evaluated at N, 4N,
+     16N (the same motion sampled more densely), adapter and in context;
+   * **cost**: query TTFT per question (adapter: the question only; in context: vision
+     tower + prefill of the video prompt) and internalization time, vs frames, with the
+     visual tokens each puts in context.
 
-Outputs in ``out_dir``: ``report.json``, ``training_curve.png``, ``metrics.jsonl``, the
-trained hypernetwork (``hypernet/``) and a printed table.
+Outputs in ``out_dir``: ``report.json``, ``accuracy.png``, ``frame_sweep.png``, ``ttft.png``,
+``training_curve.png``, the held-out predictions (``eval/*.jsonl``, re-scorable with
+``f2l eval``), the teacher manifest, ``metrics.jsonl`` and the hypernetwork (``hypernet/``).
 """
 from __future__ import annotations
 
 import argparse
-import math
+import io
+import json
 import os
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from f2l.data import synthetic as syn
 from f2l.train import Example, Stage, TrainConfig, Trainer, VideoStore
 
-__all__ = ["DemoSettings", "add_demo_arguments", "run_demo", "format_report"]
+__all__ = ["DemoSettings", "add_demo_arguments", "run_demo", "format_report", "SINGLE_KINDS", "ORDER_KINDS",
+           "COMPOSED_KINDS"]
+
+SINGLE_KINDS = ("colour", "shape", "direction", "count")
+ORDER_KINDS = ("first_shape",)
+COMPOSED_KINDS = ("colour_of",)
+_SIZE = 48
 
 
 @dataclass
 class DemoSettings:
     """Sizes of one demo run (``quick`` shrinks every one for the smoke test)."""
 
-    train_segments: int = 480
-    test_segments: int = 96
-    composed_test_videos: int = 64
-    frames_per_segment: int = 4
-    single_steps: int = 400
-    compose_steps: int = 400
-    batch_size: int = 32
+    frames: int = 4  # N: frames a segment, for training and the base evaluation
+    train_segments: int = 432  # one-segment train videos (3 per attribute combination)
+    train_multi: int = 96  # 2-3 segment train videos (order question, one adapter each)
+    train_joins: int = 192  # joins of 2-3 train segments (composition stage)
+    test_segments: int = 48
+    test_multi: int = 32
+    test_joins: int = 32
+    sweep: tuple[int, ...] = (1, 4, 16)  # multiples of ``frames``
+    sweep_segments: int = 16
+    single_steps: int = 450
+    compose_steps: int = 200
+    videos_per_step: int = 8
+    questions_per_video: int = 4
     lr: float = 2e-3
     warmup_steps: int = 20
     rank: int = 8
@@ -64,398 +85,580 @@ class DemoSettings:
     # context's contribution so small that every video gets the same adapter for hundreds
     # of steps. ~1/sqrt(width) gives the attention something to select from at step 0.
     init_std: float = 0.12
-    latency_queries: int = 32
-    # What the demo asks. The tiny frozen base is a 4-layer random model reading 9 patch
-    # tokens per frame: its states separate colours cleanly, but on held-out renders the
-    # hypernetwork did not get shape (0.66 with circle read as square), direction or count
-    # (near chance) out of them within the time budget -- frame order and fine layout are
-    # barely there. Those kinds (all in f2l.data.synthetic) are left to real bases.
-    single_kinds: tuple[str, ...] = ("colour", "has_colour")
-    composed_kinds: tuple[str, ...] = ("has_colour",)
-    questions_per_video: int = 4
-    shape_radius: float = 0.22
-    counts: tuple[int, ...] = (1,)
+    kl_weight: float = 0.0
+    margin: float = 0.05
+    n_boot: int = 2000
+    ttft_repeats: int = 3
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(train_segments=12, test_segments=6, composed_test_videos=4, single_steps=6, compose_steps=4,
-                   batch_size=8, warmup_steps=1, latency_queries=2)
+        return cls(train_segments=8, train_multi=4, train_joins=4, test_segments=4, test_multi=2, test_joins=2,
+                   sweep=(1, 4), sweep_segments=2, single_steps=3, compose_steps=2, videos_per_step=2,
+                   questions_per_video=2, warmup_steps=1, n_boot=200, ttft_repeats=1)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``f2l demo``."""
     parser.add_argument("--out", dest="out_dir", default="f2l_demo_out",
-                        help="output directory for report.json and the plot (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (accuracy not meaningful)")
+                        help="output directory for report.json and the plots (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (accuracy not meaningful)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--base", default=None,
+                        help="checkpoint directory of the seeing base (default: the shipped tiny-seeing asset)")
     return parser
 
 
 # --------------------------------------------------------------------------- data
 
 
-class _VideoBatches:
-    """Batches grouped by video: ``n / per_video`` videos, ``per_video`` questions each.
+@dataclass
+class _Row:
+    """One question about one video: ``keys`` name its adapter(s) in the store."""
 
-    Every adapter the hypernetwork makes in a step is then supervised by several questions
-    at once, which is what keeps a step cheap (the cost is per video, not per question).
-    A video is ``k ~ U{1..max_k}`` train segments with distinct shapes; ``k = 1`` asks the
-    single-segment questions, ``k > 1`` the questions that name one segment by its shape.
-    Pure in ``(seed, step)``, so resuming a run replays the same batches.
+    id: str
+    keys: tuple[str, ...]
+    video: str  # key of the whole video's frames (for the in-context baseline)
+    question: str
+    answer: str
+    kind: str
+    choices: tuple[str, ...]
+
+
+def _grid(rng: np.random.Generator):
+    grid = [syn.SegmentSpec(c, s, d, n) for c in syn.COLOURS for s in syn.SHAPES for d in syn.DIRECTIONS
+            for n in range(1, len(syn.COUNTS) + 1)]
+    while True:  # every combination, in fresh random orders
+        for i in rng.permutation(len(grid)):
+            yield grid[int(i)]
+
+
+def _render(spec: syn.SegmentSpec, frames: int, rng: np.random.Generator) -> torch.Tensor:
+    return torch.from_numpy(syn.render_segment(spec, frames, _SIZE, rng=rng, radius=syn.seeing_radius(spec.count)))
+
+
+def _distinct_specs(rng: np.random.Generator, k: int) -> list[syn.SegmentSpec]:
+    specs: list[syn.SegmentSpec] = []
+    for _ in range(k):
+        specs.append(syn.sample_segment(rng, exclude_shapes=[s.shape for s in specs]))
+    return specs
+
+
+class _Data:
+    """Rendered videos by key plus question rows, for one split."""
+
+    def __init__(self):
+        self.frames: dict[str, torch.Tensor] = {}
+        self.specs: dict[str, list[syn.SegmentSpec]] = {}
+        self.rows: list[_Row] = []
+
+    def add_video(self, key: str, frames: torch.Tensor, specs: list[syn.SegmentSpec]) -> None:
+        self.frames[key], self.specs[key] = frames, specs
+
+    def ask(self, keys: tuple[str, ...], video: str, kinds) -> None:
+        vid = syn.SyntheticVideo(id=video, frames=torch.empty(0), segments=self.specs[video], frames_per_segment=0,
+                                 seed=0)
+        for qa in vid.questions(list(kinds)):
+            self.rows.append(_Row(f"{video}-q{len(self.rows)}", keys, video, qa.question, qa.answer, qa.kind,
+                                  tuple(qa.choices)))
+
+
+def _build_split(name: str, n_seg: int, n_multi: int, n_join: int, frames: int, seed: int) -> _Data:
+    rng = np.random.default_rng([seed, 0xDA7A, {"train": 1, "test": 2}.get(name, 3)])
+    grid = _grid(rng)
+    d = _Data()
+    seg_keys = []
+    for i in range(n_seg):
+        spec = next(grid)
+        key = f"{name}/seg{i:04d}"
+        d.add_video(key, _render(spec, frames, rng), [spec])
+        d.ask((key,), key, SINGLE_KINDS)
+        seg_keys.append(key)
+    for i in range(n_multi):
+        specs = _distinct_specs(rng, int(rng.integers(2, len(syn.SHAPES) + 1)))
+        key = f"{name}/multi{i:04d}"
+        d.add_video(key, torch.cat([_render(s, frames, rng) for s in specs]), specs)
+        d.ask((key,), key, ORDER_KINDS)
+    by_shape = {sh: [k for k in seg_keys if d.specs[k][0].shape == sh] for sh in syn.SHAPES}
+    for i in range(n_join):
+        k = int(rng.integers(2, len(syn.SHAPES) + 1))
+        shapes = [str(s) for s in rng.permutation(syn.SHAPES)[:k]]
+        if not all(by_shape[s] for s in shapes):
+            continue
+        parts = tuple(str(rng.choice(by_shape[s])) for s in shapes)
+        key = f"{name}/join{i:04d}"
+        d.add_video(key, torch.cat([d.frames[p] for p in parts]), [d.specs[p][0] for p in parts])
+        d.ask(parts, key, COMPOSED_KINDS)
+    return d
+
+
+class _GroupedSource:
+    """Global batches of ``n / per_video`` videos with ``per_video`` of their questions each.
+
+    Every adapter the hypernetwork makes in a step is supervised by several questions,
+    which keeps a step cheap (the cost is per video, not per question). Pure in
+    ``(seed, step)``, so a resumed run replays the same batches.
     """
 
-    def __init__(self, keys_by_shape: dict[str, list[str]], specs: dict[str, syn.SegmentSpec], *, max_k: int,
-                 per_video: int, seed: int, kinds: tuple[tuple[str, ...], tuple[str, ...]] | None = None):
-        self.keys_by_shape, self.specs, self.max_k, self.per_video, self.seed = (
-            keys_by_shape, specs, max_k, per_video, seed)
-        self.kinds = kinds
+    def __init__(self, groups: list[list[Example]], *, per_video: int, seed: int):
+        self.groups = [g for g in groups if g]
+        if not self.groups:
+            raise ValueError("groups: expected at least one non-empty group of examples")
+        self.per_video, self.seed = per_video, seed
 
     def global_batch(self, step: int, n: int) -> list[Example]:
         if n % self.per_video:
             raise ValueError(f"n: expected a multiple of per_video={self.per_video}, got {n}")
         rng = np.random.default_rng([self.seed, 0xC0, step])
         out = []
-        for _ in range(n // self.per_video):
-            k = int(rng.integers(1, self.max_k + 1))
-            shapes = list(rng.permutation(syn.SHAPES)[:k])
-            keys = tuple(str(rng.choice(self.keys_by_shape[sh])) for sh in shapes)
-            vid = syn.SyntheticVideo(id="", frames=torch.empty(0), segments=[self.specs[x] for x in keys],
-                                     frames_per_segment=0, seed=0)
-            qs = vid.questions(None if self.kinds is None else self.kinds[0] if k == 1 else self.kinds[1])
-            pick = rng.permutation(len(qs))[:self.per_video]
-            pick = [int(i) for i in pick] + [int(i) for i in rng.integers(len(qs), size=self.per_video - len(pick))]
-            out += [Example(keys, qs[i].question, qs[i].answer) for i in pick]
+        for gi in rng.integers(len(self.groups), size=n // self.per_video):
+            g = self.groups[int(gi)]
+            pick = [int(i) for i in rng.permutation(len(g))[:self.per_video]]
+            pick += [int(i) for i in rng.integers(len(g), size=self.per_video - len(pick))]
+            out += [g[i] for i in pick]
         return out
 
 
-def _render_segments(count: int, seed: int, fps: int, size: int, *, counts=(1, 2, 3),
-                     radius: float | None = None) -> list[tuple[syn.SegmentSpec, torch.Tensor]]:
-    """``count`` segments covering the attribute grid evenly (then random), each its own render."""
-    rng = np.random.default_rng([seed, 0xDA7A])
-    grid = [syn.SegmentSpec(c, s, d, n) for c in syn.COLOURS for s in syn.SHAPES for d in syn.DIRECTIONS
-            for n in counts]
-    out = []
-    perm: list[int] = []
-    for _ in range(count):
-        if not perm:  # cycle through the grid in fresh random orders: every combination appears
-            perm = rng.permutation(len(grid)).tolist()
-        spec = grid[perm.pop()]
-        out.append((spec, torch.from_numpy(syn.render_segment(spec, fps, size, rng=rng, radius=radius))))
-    return out
+# --------------------------------------------------------------------------- teacher
+
+
+def _teacher_targets(model, data: _Data, out_dir: str, *, progress: bool) -> dict[str, str]:
+    """In-context answers of the base to every training row, through ``f2l teacher``."""
+    from f2l.data.manifest import ManifestRow, read_manifest, write_manifest
+    from f2l.teacher import PARTIAL_SUFFIX, run_teacher
+
+    root = os.path.join(out_dir, "teacher")
+    os.makedirs(root, exist_ok=True)
+    src, dst = os.path.join(root, "train_manifest.jsonl"), os.path.join(root, "train_teacher.jsonl")
+    for p in (dst, dst + PARTIAL_SUFFIX):  # a previous run's targets belong to other renders
+        if os.path.exists(p):
+            os.remove(p)
+    rows = [ManifestRow(id=r.id, video_path=r.video, prompt=r.question, target_text=None, task_type=r.kind,
+                        dataset="synthetic-shapes", split="train", metadata={"kind": r.kind, "truth": r.answer})
+            for r in data.rows]
+    write_manifest(rows, src)
+
+    def teacher(paths, prompts):
+        videos = [data.frames[os.path.relpath(p, root)] for p in paths]
+        return model.answer_in_context(videos, prompts, max_new_tokens=4)
+
+    run_teacher(teacher, src, dst, data_root=root, batch_size=32, max_new_tokens=4, progress=progress)
+    return {r.id: r.target_text or "" for r in read_manifest(dst)}
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _answer_token_ids(model, words) -> dict[str, int]:
-    """First answer token of each answer word (the tiny tokenizer has every one as a word)."""
-    from f2l.prompt import answer_text
+def _chunks(xs, n):
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
 
-    tok = model.base.tokenizer
-    out = {}
-    for w in words:
-        ids = tok(answer_text(w), add_special_tokens=False)["input_ids"]
-        out[w] = int(ids[0])
-    if len(set(out.values())) != len(out):
-        raise RuntimeError(f"answer words share a first token: {out}")
+
+@torch.no_grad()
+def _adapter_predictions(model, adapters: dict, rows: list[_Row], batch: int = 64) -> list[str]:
+    out = []
+    for chunk in _chunks(rows, batch):
+        ads = [adapters[r.keys[0]] if len(r.keys) == 1 else [adapters[k] for k in r.keys] for r in chunk]
+        out += model.answer(ads, [r.question for r in chunk], max_new_tokens=4)
     return out
 
 
 @torch.no_grad()
-def _closed_set_accuracy(model, store: VideoStore, items, adapters_on: bool, batch: int = 128) -> float:
-    """items: list of (keys tuple, QA). Argmax over the kind's answer words at the first answer position."""
-    words = sorted({w for _, qa in items for w in qa.choices})
-    tid = _answer_token_ids(model, words)
-    correct = 0
-    for s in range(0, len(items), batch):
-        chunk = items[s:s + batch]
-        keys = list(dict.fromkeys(k for ks, _ in chunk for k in ks))
-        index = {k: i for i, k in enumerate(keys)}
-        ids, mask, _ = model.question_ids([qa.question for _, qa in chunk])
-        if adapters_on:
-            enc = store.encode(keys)
-            adapters = model.adapter_tensors(enc)
-            aid = [[index[k] for k in ks] for ks, _ in chunk]
-            aid = [a[0] if len(a) == 1 else a for a in aid]
-        else:
-            adapters, aid = None, None
-        logits = model.lm_forward(ids, mask, adapters, aid)
-        last = mask.sum(1) - 1
-        row = logits[torch.arange(len(chunk), device=logits.device), last].float()
-        for i, (_, qa) in enumerate(chunk):
-            cand = torch.tensor([tid[w] for w in qa.choices], device=row.device)
-            pred = qa.choices[int(row[i, cand].argmax())]
-            correct += int(pred == qa.answer)
-    return correct / max(len(items), 1)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().strip().strip(".!?,;:").split())
+def _context_predictions(model, frames: dict, rows: list[_Row], batch: int = 16) -> list[str]:
+    out = []
+    for chunk in _chunks(rows, batch):
+        out += model.answer_in_context([frames[r.video] for r in chunk], [r.question for r in chunk],
+                                       max_new_tokens=4)
+    return out
 
 
 @torch.no_grad()
-def _greedy_accuracy(model, frames_by_key, items, adapters_by_key=None) -> tuple[float, list]:
-    """End to end through the public API: internalize raw frames, compose, answer greedily."""
-    from f2l.adapter import VideoAdapter
-
-    if adapters_by_key is None:
-        keys = list(dict.fromkeys(k for ks, _ in items for k in ks))
-        made = model.internalize([frames_by_key[k] for k in keys], batch_size=64)
-        adapters_by_key = dict(zip(keys, made))
-    per_prompt = []
-    for ks, _ in items:
-        parts = [adapters_by_key[k] for k in ks]
-        per_prompt.append(parts[0] if len(parts) == 1 else VideoAdapter.compose(parts))
-    preds = model.answer(per_prompt, [qa.question for _, qa in items], max_new_tokens=4)
-    ok = [_normalise(p) == _normalise(qa.answer) for p, (_, qa) in zip(preds, items)]
-    return sum(ok) / max(len(ok), 1), preds
+def _no_adapter_predictions(model, rows: list[_Row], batch: int = 64) -> list[str]:
+    out = []
+    for chunk in _chunks(rows, batch):
+        out += model.answer([None] * len(chunk), [r.question for r in chunk], max_new_tokens=4)
+    return out
 
 
-def _time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: allocator, kernel caches
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    best = math.inf
-    for _ in range(repeats):
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    from f2l.config import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _paired(rows: list[_Row], base_preds: list[str], v2l_preds: list[str], s: DemoSettings, seed: int,
+            group_of=lambda r: r.kind) -> dict:
+    from f2l.eval import evaluate
+
+    refs = [{"id": r.id, "target_text": r.answer, "task_type": group_of(r)} for r in rows]
+    base = [{"id": r.id, "prediction": p} for r, p in zip(rows, base_preds)]
+    v2l = [{"id": r.id, "prediction": p} for r, p in zip(rows, v2l_preds)]
+    res = evaluate(base, v2l, refs, margin=s.margin, n_boot=s.n_boot, seed=seed, metrics=("em",))
+    return res["groups"]["em"]
+
+
+def _em(preds: list[str], rows: list[_Row]) -> list[float]:
+    from f2l.eval import exact_match
+
+    return [exact_match(p, r.answer) for p, r in zip(preds, rows)]
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, caches
+    ts = []
+    for _ in range(max(1, repeats)):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
-def _plot(history: list[dict], stage_break: int, path: str) -> str | None:
-    try:
-        import matplotlib
+# --------------------------------------------------------------------------- plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # plotting is a nicety; the report does not depend on it
-        return None
+
+def _save_fig(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
     from f2l.config import atomic_write_bytes
 
-    steps = [h["step"] for h in history]
-    loss = [h["loss"] for h in history]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
-    ax.plot(steps, loss, lw=0.8, alpha=0.45, color="tab:blue", label="loss")
-    w = max(1, len(loss) // 40)
-    if len(loss) > w:
-        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, lw=1.8, color="tab:blue", label=f"loss ({w}-step mean)")
-    if 0 < stage_break < len(steps):
-        ax.axvline(stage_break + 0.5, color="gray", ls="--", lw=1)
-        ax.text(stage_break + 1, max(loss) * 0.9, "composition", color="gray", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("answer cross-entropy")
-    ax.set_title("Frames2LoRA hypernetwork on synthetic videos (tiny SmolVLM2)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
+def _plots(report: dict, history: list[dict], out_dir: str) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # plotting is a nicety; the report does not depend on it
+        return {}
+    out = {}
+    # accuracy per kind
+    kinds = list(report["kinds"])
+    x = np.arange(len(kinds))
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=120)
+    series = [("in context", "in_context", "tab:blue"), ("adapter (0 visual tokens)", "adapter", "tab:orange"),
+              ("no adapter", "no_adapter", "tab:gray")]
+    for j, (label, key, colour) in enumerate(series):
+        ax.bar(x + (j - 1) * 0.27, [report["kinds"][k][key] for k in kinds], 0.27, label=label, color=colour)
+    for i, k in enumerate(kinds):
+        ax.hlines(report["kinds"][k]["chance"], i - 0.42, i + 0.42, colors="k", linestyles=":", lw=1)
+    ax.set_xticks(x, kinds, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact match (held out)")
+    ax.set_title("tiny-seeing base: adapter vs video in context (dotted: chance)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    out["accuracy"] = _save_fig(fig, os.path.join(out_dir, "accuracy.png"))
+    # frame sweep
+    sw = report["frame_sweep"]
+    fr = [p["frames"] for p in sw["points"]]
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
+    ax.plot(fr, [p["adapter"] for p in sw["points"]], "o-", color="tab:orange", label="adapter")
+    ax.plot(fr, [p["in_context"] for p in sw["points"]], "s-", color="tab:blue", label="in context")
+    ax.axvline(sw["train_frames"], color="gray", ls="--", lw=1)
+    ax.text(sw["train_frames"], 0.05, " trained", color="gray", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(fr, [str(f) for f in fr])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("frames per segment at evaluation")
+    ax.set_ylabel("exact match (single-segment kinds)")
+    ax.set_title("frame sweep", fontsize=9)
+    ax.legend(fontsize=8)
+    out["frame_sweep"] = _save_fig(fig, os.path.join(out_dir, "frame_sweep.png"))
+    # cost
+    c = report["cost"]["points"]
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
+    ax.plot([p["visual_tokens"] for p in c], [p["ttft_ms_in_context"] for p in c], "s-", color="tab:blue",
+            label="query TTFT, video in context")
+    ax.plot([p["visual_tokens"] for p in c], [p["ttft_ms_adapter"] for p in c], "o-", color="tab:orange",
+            label="query TTFT, adapter")
+    ax.plot([p["visual_tokens"] for p in c], [p["internalize_ms"] for p in c], "^--", color="tab:green",
+            label="internalization (once per video)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("visual tokens of the video")
+    ax.set_ylabel("ms")
+    ax.set_title(f"cost per question ({report['device']})", fontsize=9)
+    ax.legend(fontsize=7)
+    out["ttft"] = _save_fig(fig, os.path.join(out_dir, "ttft.png"))
+    # training curve
+    if history:
+        fig, ax = plt.subplots(figsize=(5.6, 3.2), dpi=120)
+        steps = [h["step"] for h in history]
+        loss = [h["loss"] for h in history]
+        ax.plot(steps, loss, lw=0.8, alpha=0.5, color="tab:blue")
+        w = max(1, len(loss) // 40)
+        if len(loss) > w:
+            ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.8, color="tab:blue")
+        ax.axvline(report["train"]["single_steps"] + 0.5, color="gray", ls="--", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("answer cross-entropy (teacher targets)")
+        out["training_curve"] = _save_fig(fig, os.path.join(out_dir, "training_curve.png"))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt_ci(r: dict) -> str:
+    return f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+
+
 def format_report(r: dict) -> str:
-    """The printed table."""
-    rows = [
-        ("adapter accuracy (0 visual tokens)", f"{r['adapter_accuracy']:.3f}", f"greedy {r['adapter_accuracy_greedy']:.3f}"),
-        ("no-adapter accuracy", f"{r['no_adapter_accuracy']:.3f}", ""),
-        ("chance", f"{r['chance_accuracy']:.3f}", ""),
-        ("composed-segment accuracy", f"{r['composed_accuracy']:.3f}",
-         f"greedy {r['composed_accuracy_greedy']:.3f}"),
-        ("visual tokens at query time", f"{r['visual_tokens_with_adapter']}",
-         f"vs {r['visual_tokens_in_context']} in context"),
-        ("query time, adapter", f"{r['query_ms_adapter']:.2f} ms", "per question"),
-        ("query time, video in context", f"{r['query_ms_in_context']:.2f} ms", "per question"),
-        ("train time", f"{r['train_time_s']:.1f} s", f"{r['train_steps']} steps"),
-        ("total time", f"{r['total_time_s']:.1f} s", r["device"]),
-    ]
-    w0 = max(len(a) for a, _, _ in rows)
-    w1 = max(len(b) for _, b, _ in rows)
-    lines = [f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows]
-    bar = "-" * max(len(x) for x in lines)
-    return "\n".join([bar] + lines + [bar])
+    """The printed tables."""
+    yn = lambda b: "yes" if b else "no"
+    head = ["kind", "chance", "no adapter", "in context", "adapter", "Δ", "95% CI", "Eq", "NI", "n"]
+    body = []
+    for k, v in r["kinds"].items():
+        body.append([k, f"{v['chance']:.3f}", f"{v['no_adapter']:.3f}", f"{v['in_context']:.3f}",
+                     f"{v['adapter']:.3f}", f"{v['delta']:+.3f}", _fmt_ci(v), yn(v["eq"]), yn(v["ni"]), str(v["n"])])
+    w = [max(len(row[c]) for row in [head] + body) for c in range(len(head))]
+    fmt = lambda row: "  ".join(x.ljust(w[0]) if c == 0 else x.rjust(w[c]) for c, x in enumerate(row))
+    rule = "-" * (sum(w) + 2 * (len(w) - 1))
+    lines = [f"held-out exact match, adapter (0 visual tokens) vs video in context; margin ±{r['margin']}", rule,
+             fmt(head), rule] + [fmt(b) for b in body] + [rule]
+    sw = r["frame_sweep"]
+    lines.append(f"frame sweep (trained on {sw['train_frames']} frames a segment; single-segment kinds):")
+    for p in sw["points"]:
+        lines.append(f"  {p['frames']:>4} frames  {p['visual_tokens']:>5} visual tokens   adapter {p['adapter']:.3f}"
+                     f"   in context {p['in_context']:.3f}")
+    d = sw["adapter_delta_vs_train"]
+    lines.append(f"  adapter at {sw['points'][-1]['frames']} vs {sw['train_frames']} frames: Δ {d['delta']:+.3f} "
+                 f"{_fmt_ci(d)}")
+    lines.append("cost per question (median; batch 1):")
+    for p in r["cost"]["points"]:
+        lines.append(f"  {p['frames']:>4} frames  TTFT adapter {p['ttft_ms_adapter']:7.1f} ms  in context "
+                     f"{p['ttft_ms_in_context']:7.1f} ms  ({p['ttft_ratio']:.1f}x)  internalize "
+                     f"{p['internalize_ms']:7.1f} ms  visual tokens 0 vs {p['visual_tokens']}")
+    c = r["criteria"]
+    lines.append("criteria: " + ", ".join(f"{k} {yn(v)}" for k, v in c.items() if isinstance(v, bool)))
+    t = r["time_s"]
+    lines.append(f"time: total {t['total']:.1f} s (" + ", ".join(f"{k} {t[k]:.1f}" for k in (
+        "setup", "render", "teacher", "encode", "train", "eval", "plots") if k in t) +
+        f") on {r['device']}, {r['torch_threads']} threads")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the demo
 
 
-def run_demo(out_dir: str = "f2l_demo_out", *, quick: bool = False, seed: int = 0, device=None,
-             settings: DemoSettings | None = None, progress: bool = True, verbose: bool = True) -> dict:
-    """Run the demo and return its report (also written to ``out_dir/report.json``).
-
-    Report keys include ``adapter_accuracy``, ``no_adapter_accuracy``, ``chance_accuracy``,
-    ``composed_accuracy`` (closed-set, see the module docstring), their ``*_greedy``
-    counterparts, ``visual_tokens_in_context``, ``visual_tokens_with_adapter``,
-    ``query_ms_adapter``, ``query_ms_in_context``, timings and the settings used.
-    """
-    from f2l.hypernet import Frames2LoRAHypernet, HypernetConfig
-    from f2l.model import Frames2LoRA
-    from f2l.presets import load_base
-    from f2l.train import _write_json_atomic
-
+def _check_args(out_dir, seed, settings):
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir: expected a str or os.PathLike, got {type(out_dir).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     if settings is not None and not isinstance(settings, DemoSettings):
         raise TypeError(f"settings: expected a DemoSettings, got {type(settings).__name__}")
+
+
+def run_demo(out_dir: str = "f2l_demo_out", *, quick: bool = False, seed: int = 0, device=None,
+             settings: DemoSettings | None = None, base: str | None = None, progress: bool = True,
+             verbose: bool = True) -> dict:
+    """Run the demo and return its report (also written to ``out_dir/report.json``).
+
+    Report keys: ``kinds`` (per question kind: chance, no_adapter, in_context, adapter,
+    delta, ci_low, ci_high, eq, ni, n), ``frame_sweep``, ``cost``, ``criteria`` (the
+    claims checked, each a bool, with the numbers), ``teacher``, ``train``, ``time_s``.
+    """
+    from f2l.config import F2LConfig
+    from f2l.data.pretrain_tiny import load_seeing_base
+    from f2l.hypernet import Frames2LoRAHypernet, HypernetConfig
+    from f2l.model import Frames2LoRA
+    from f2l.train import _write_json_atomic
+
+    _check_args(out_dir, seed, settings)
     out_dir = os.fspath(out_dir)
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
     t_all = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(out_dir, exist_ok=True)
+    N = s.frames
+    max_frames = N * max(s.sweep) * len(syn.SHAPES)
 
-    # 1. model: frozen tiny base + a fresh hypernetwork (seeded; the base has its own fixed seed)
+    # 1. the seeing base + a fresh hypernetwork (seeded)
     torch.manual_seed(seed)
-    base = load_base("tiny", device=dev)
-    hc = HypernetConfig.tiny(base, rank=s.rank, latent_dim=s.latent_dim, init_std=s.init_std)
-    model = Frames2LoRA.from_pretrained(base, hypernet=Frames2LoRAHypernet(hc), device=dev)
+    b = load_seeing_base(base, device=dev)
+    hc = HypernetConfig.tiny(b, rank=s.rank, latent_dim=s.latent_dim, init_std=s.init_std)
+    cfg = F2LConfig(base=b.name, max_frames=max_frames)
+    model = Frames2LoRA.from_pretrained(b, hypernet=Frames2LoRAHypernet(hc), device=dev, config=cfg)
 
-    # 2. data: disjoint train / held-out renders, encoded once
+    setup_s = time.perf_counter() - t_all
+
+    # 2. data: disjoint train / held-out renders
     t0 = time.perf_counter()
-    size = base.image_size
-    train = _render_segments(s.train_segments, seed, s.frames_per_segment, size, counts=s.counts,
-                             radius=s.shape_radius)
-    test = _render_segments(s.test_segments, seed + 1_000_003, s.frames_per_segment, size, counts=s.counts,
-                            radius=s.shape_radius)
-    store = VideoStore(model, cache=True)
-    frames_by_key, specs = {}, {}
-    for split, segs in (("train", train), ("test", test)):
-        for i, (spec, frames) in enumerate(segs):
-            key = f"{split}/{i:05d}"
-            store.add(key, frames)
-            frames_by_key[key], specs[key] = frames, spec
-    store.precompute(progress=progress)
-    encode_s = time.perf_counter() - t0
+    train = _build_split("train", s.train_segments, s.train_multi, s.train_joins, N, seed)
+    test = _build_split("test", s.test_segments, s.test_multi, s.test_joins, N, seed + 1_000_003)
+    render_s = time.perf_counter() - t0
 
-    train_keys = [k for k in frames_by_key if k.startswith("train/")]
-    test_keys = [k for k in frames_by_key if k.startswith("test/")]
-    by_shape = {sh: [k for k in train_keys if specs[k].shape == sh] for sh in syn.SHAPES}
-    for sh, ks in by_shape.items():
-        if not ks:  # tiny quick runs: borrow any segment rather than fail
-            by_shape[sh] = train_keys
-    per_video = s.questions_per_video
-    kinds = (tuple(s.single_kinds), tuple(s.composed_kinds))
-    cfg = TrainConfig(base="tiny", steps=s.single_steps, compose_steps=s.compose_steps, batch_size=s.batch_size,
-                      lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=0.0, min_lr_ratio=0.05,
-                      clip_grad_norm=1.0, out_dir=out_dir, log_every=25, seed=seed, progress=progress)
-    stages = [Stage("single", s.single_steps, _VideoBatches(by_shape, specs, max_k=1, per_video=per_video, seed=seed,
-                                                 kinds=kinds)),
-              Stage("compose", s.compose_steps,
-                    _VideoBatches(by_shape, specs, max_k=len(syn.SHAPES), per_video=per_video, seed=seed + 1,
-                                  kinds=kinds))]
+    # 3. teacher targets: the base with the video in context (f2l teacher machinery)
+    t0 = time.perf_counter()
+    targets = _teacher_targets(model, train, out_dir, progress=progress)
+    teacher_s = time.perf_counter() - t0
+    agree = {k: float(np.mean([targets[r.id].strip().lower() == r.answer for r in train.rows if r.kind == k]))
+             for k in dict.fromkeys(r.kind for r in train.rows)}
+
+    # 4. the hypernetwork on the teacher targets
+    store = VideoStore(model, cache=True)
+    for split in (train, test):
+        for key, frames in split.frames.items():
+            if "/join" not in key:  # joins are composed from their segments' adapters
+                store.add(key, frames)
+    groups: dict[tuple, list[Example]] = {}
+    for r in train.rows:
+        groups.setdefault(r.keys, []).append(Example(r.keys, r.question, targets[r.id]))
+    single = [g for k, g in groups.items() if len(k) == 1]
+    composed = [g for k, g in groups.items() if len(k) > 1]
+    per = s.questions_per_video
+    tcfg = TrainConfig(base=b.name, steps=s.single_steps, compose_steps=s.compose_steps,
+                       batch_size=s.videos_per_step * per, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=0.0,
+                       min_lr_ratio=0.05, clip_grad_norm=1.0, out_dir=out_dir, log_every=25, seed=seed,
+                       progress=progress, kl_weight=s.kl_weight)
+    stages = [Stage("single", s.single_steps, _GroupedSource(single, per_video=per, seed=seed)),
+              Stage("compose", s.compose_steps, _GroupedSource(single + composed, per_video=per, seed=seed + 1))]
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    trainer = Trainer(model, cfg, stages, store)
+    t0 = time.perf_counter()
+    store.precompute([k for k in train.frames if "/join" not in k], progress=progress)
+    encode_s = time.perf_counter() - t0
+    trainer = Trainer(model, tcfg, stages, store)
     t0 = time.perf_counter()
     history = trainer.fit()
     train_s = time.perf_counter() - t0
     model.hypernet.eval()
 
-    # 3. evaluation on held-out renders
+    # 5. held-out evaluation, greedy, public API
     t0 = time.perf_counter()
-    single_items = []
-    for k in test_keys:
-        vid = syn.SyntheticVideo(id=k, frames=frames_by_key[k], segments=[specs[k]], frames_per_segment=0, seed=0)
-        single_items += [((k,), qa) for qa in vid.questions(kinds[0])]
-    rng = np.random.default_rng([seed, 0xE7A1])
-    test_by_shape = {sh: [k for k in test_keys if specs[k].shape == sh] or test_keys for sh in syn.SHAPES}
-    composed_items = []
-    composed_videos = []
-    for _ in range(s.composed_test_videos):
-        k = int(rng.integers(2, len(syn.SHAPES) + 1))
-        shapes = list(rng.permutation(syn.SHAPES)[:k])
-        keys = tuple(str(rng.choice(test_by_shape[sh])) for sh in shapes)
-        vid = syn.SyntheticVideo(id="", frames=torch.empty(0), segments=[specs[x] for x in keys],
-                                 frames_per_segment=0, seed=0)
-        if len({sp.shape for sp in vid.segments}) < k:
-            continue  # a quick run's borrowed segments can repeat a shape; such a video is ambiguous
-        composed_videos.append(keys)
-        composed_items += [(keys, qa) for qa in vid.questions(kinds[1])]
-    model_eval = model
-    adapter_acc = _closed_set_accuracy(model_eval, store, single_items, True)
-    no_adapter_acc = _closed_set_accuracy(model_eval, store, single_items, False)
-    composed_acc = _closed_set_accuracy(model_eval, store, composed_items, True) if composed_items else float("nan")
-    composed_no_adapter = (_closed_set_accuracy(model_eval, store, composed_items, False)
-                           if composed_items else float("nan"))
-    chance = float(np.mean([qa.chance for _, qa in single_items]))
-    composed_chance = float(np.mean([qa.chance for _, qa in composed_items])) if composed_items else float("nan")
-    made = model.internalize([frames_by_key[k] for k in test_keys], batch_size=64)
-    adapters_by_key = dict(zip(test_keys, made))
-    adapter_greedy, _ = _greedy_accuracy(model, frames_by_key, single_items, adapters_by_key)
-    composed_greedy = (_greedy_accuracy(model, frames_by_key, composed_items, adapters_by_key)[0]
-                       if composed_items else float("nan"))
-    no_adapter_greedy = float(np.mean([
-        _normalise(p) == _normalise(qa.answer) for p, (_, qa) in
-        zip(model.answer([None] * len(single_items), [qa.question for _, qa in single_items], max_new_tokens=4),
-            single_items)]))
-    by_kind = {}
-    for kind in s.single_kinds:
-        sub = [it for it in single_items if it[1].kind == kind]
-        by_kind[kind] = _closed_set_accuracy(model_eval, store, sub, True) if sub else float("nan")
+    whole = [k for k in test.frames if "/join" not in k]
+    bar = tqdm(total=5, desc="evaluate", unit="phase", disable=not progress)
+    adapters = dict(zip(whole, model.internalize([test.frames[k] for k in whole], batch_size=32)))
+    bar.update(1)
+    rows = test.rows
+    p_ctx = _context_predictions(model, test.frames, rows)
+    bar.update(1)
+    p_ad = _adapter_predictions(model, adapters, rows)
+    p_none = _no_adapter_predictions(model, rows)
+    bar.update(1)
+    group_name = lambda r: r.kind if len(r.keys) == 1 else f"{r.kind} (composed)"
+    paired = _paired(rows, p_ctx, p_ad, s, seed, group_of=group_name)
+    em_none = _em(p_none, rows)
+    kinds = {}
+    for g in [k for k in paired if k != "all"]:
+        sel = [i for i, r in enumerate(rows) if group_name(r) == g]
+        v = paired[g]
+        kinds[g] = {"chance": 1.0 / len(rows[sel[0]].choices), "no_adapter": float(np.mean([em_none[i] for i in sel])),
+                    "in_context": v["base"], "adapter": v["v2l"], "delta": v["delta"], "ci_low": v["ci_low"],
+                    "ci_high": v["ci_high"], "eq": v["eq"], "ni": v["ni"], "n": v["n"]}
+    order = [*SINGLE_KINDS, *ORDER_KINDS, *(f"{k} (composed)" for k in COMPOSED_KINDS)]
+    kinds = {k: kinds[k] for k in order if k in kinds}
+    ev_dir = os.path.join(out_dir, "eval")
+    _write_jsonl(os.path.join(ev_dir, "manifest.jsonl"),
+                 [{"id": r.id, "video_path": r.video, "task_type": group_name(r), "prompt": r.question,
+                   "target_text": r.answer, "dataset": "synthetic-shapes", "split": "test",
+                   "metadata": {"kind": r.kind, "segments": list(r.keys)}} for r in rows])
+    for name, preds in (("in_context", p_ctx), ("adapter", p_ad), ("no_adapter", p_none)):
+        _write_jsonl(os.path.join(ev_dir, f"{name}.jsonl"), [{"id": r.id, "prediction": p} for r, p in zip(rows, preds)])
+
+    # frame sweep: the same segments rendered at 16N frames, thinned to N, 4N, 16N
+    srng = np.random.default_rng([seed, 0x5EE9])
+    sgrid = _grid(srng)
+    top = N * max(s.sweep)
+    sweep_src = [(spec, _render(spec, top, srng)) for spec in (next(sgrid) for _ in range(s.sweep_segments))]
+    points, em_by_frames = [], {}
+    for m in s.sweep:
+        F = N * m
+        idx = np.linspace(0, top - 1, F).round().astype(int)
+        sd = _Data()
+        for i, (spec, fr) in enumerate(sweep_src):
+            key = f"sweep{F}/seg{i:04d}"
+            sd.add_video(key, fr[idx].contiguous(), [spec])
+            sd.ask((key,), key, SINGLE_KINDS)
+        keys = list(sd.frames)
+        ads = dict(zip(keys, model.internalize([sd.frames[k] for k in keys], batch_size=8)))
+        pa = _adapter_predictions(model, ads, sd.rows)
+        pc = _context_predictions(model, sd.frames, sd.rows, batch=8)
+        ea, ec = _em(pa, sd.rows), _em(pc, sd.rows)
+        em_by_frames[F] = ea
+        points.append({"frames": F, "visual_tokens": F * b.tokens_per_frame, "adapter": float(np.mean(ea)),
+                       "in_context": float(np.mean(ec)), "n": len(ea),
+                       "adapter_by_kind": {k: float(np.mean([e for e, r in zip(ea, sd.rows) if r.kind == k]))
+                                           for k in SINGLE_KINDS},
+                       "in_context_by_kind": {k: float(np.mean([e for e, r in zip(ec, sd.rows) if r.kind == k]))
+                                              for k in SINGLE_KINDS}})
+    bar.update(1)
+    from f2l.eval import compare
+
+    d_sweep = compare(em_by_frames[N], em_by_frames[top], margin=s.margin, n_boot=s.n_boot, seed=seed).to_dict()
+    sweep = {"train_frames": N, "points": points, "adapter_delta_vs_train": d_sweep,
+             "how": "each held-out segment rendered once at the largest frame count and thinned uniformly; "
+                    "timestamps at 1 fps"}
+
+    # cost: TTFT per question (batch 1) and internalization, vs frames
+    cost_points = []
+    q = "What colour is the shape?"
+    for m in s.sweep:
+        F = N * m
+        idx = np.linspace(0, top - 1, F).round().astype(int)
+        fr = sweep_src[0][1][idx].contiguous()
+        ad = model.internalize([fr])[0]
+        t_ad = _median_time(lambda: model.answer([ad], [q], max_new_tokens=1), s.ttft_repeats)
+        t_ctx = _median_time(lambda: model.answer_in_context([fr], [q], max_new_tokens=1), s.ttft_repeats)
+        t_int = _median_time(lambda: model.internalize([fr]), s.ttft_repeats)
+        cost_points.append({"frames": F, "visual_tokens": F * b.tokens_per_frame, "ttft_ms_adapter": 1e3 * t_ad,
+                            "ttft_ms_in_context": 1e3 * t_ctx, "ttft_ratio": t_ctx / t_ad,
+                            "internalize_ms": 1e3 * t_int, "visual_tokens_with_adapter": 0})
+    bar.update(1)
+    bar.close()
     eval_s = time.perf_counter() - t0
 
-    # 4. query cost: the same questions with the adapter vs with the video in the prompt
-    n = min(s.latency_queries, len(test_keys))
-    q_keys = test_keys[:n]
-    q_prompts = ["What colour is the shape?"] * n
-    q_adapters = [adapters_by_key[k] for k in q_keys]
-    q_frames = [frames_by_key[k] for k in q_keys]
-    t_adapter = _time(lambda: model.answer(q_adapters, q_prompts, max_new_tokens=2))
-    t_context = _time(lambda: model.answer_in_context(q_frames, q_prompts, max_new_tokens=2))
-    in_ctx_tokens = store.visual_tokens(test_keys[0])
-
     model.save_hypernet(os.path.join(out_dir, "hypernet"))
-    plot = _plot(history, s.single_steps, os.path.join(out_dir, "training_curve.png"))
-    report = {
-        "adapter_accuracy": adapter_acc,
-        "no_adapter_accuracy": no_adapter_acc,
-        "chance_accuracy": chance,
-        "composed_accuracy": composed_acc,
-        "composed_no_adapter_accuracy": composed_no_adapter,
-        "composed_chance_accuracy": composed_chance,
-        "adapter_accuracy_greedy": adapter_greedy,
-        "no_adapter_accuracy_greedy": no_adapter_greedy,
-        "composed_accuracy_greedy": composed_greedy,
-        "adapter_accuracy_by_kind": by_kind,
-        "accuracy_method": ("closed-set: argmax over the question kind's answer words of the logits at the first "
-                            "answer position; *_greedy: Frames2LoRA.internalize + VideoAdapter.compose + "
-                            "Frames2LoRA.answer (greedy), exact match of the normalised answer"),
-        "visual_tokens_in_context": int(in_ctx_tokens),
-        "visual_tokens_with_adapter": 0,
-        "query_ms_adapter": 1000.0 * t_adapter / n,
-        "query_ms_in_context": 1000.0 * t_context / n,
-        "query_batch": n,
-        "held_out_questions": len(single_items),
-        "held_out_composed_questions": len(composed_items),
-        "held_out_composed_videos": len(composed_videos),
-        "train_steps": trainer.step,
-        "final_loss": history[-1]["loss"] if history else None,
-        "encode_time_s": encode_s,
-        "train_time_s": train_s,
-        "eval_time_s": eval_s,
-        "total_time_s": time.perf_counter() - t_all,
-        "device": str(dev),
-        "torch_threads": torch.get_num_threads(),
-        "quick": bool(quick),
-        "seed": seed,
-        "settings": s.__dict__,
-        "base": {"preset": "tiny", "layers": base.num_layers, "hidden": base.hidden_size,
-                 "tokens_per_frame": base.tokens_per_frame, "image_size": base.image_size},
-        "hypernet": hc.to_dict(),
-        "training_curve": plot,
+    single_kinds = [k for k in kinds if k in SINGLE_KINDS + ORDER_KINDS]
+    comp = [k for k in kinds if k.endswith("(composed)")]
+    a_top = points[-1]["adapter"]
+    criteria = {
+        "in_context_ge_0.90_every_kind": all(kinds[k]["in_context"] >= 0.90 for k in kinds),
+        "adapter_non_inferior_every_kind": all(kinds[k]["ni"] for k in single_kinds + comp),
+        "composed_ge_0.90": bool(comp) and all(kinds[k]["adapter"] >= 0.90 for k in comp),
+        "adapter_at_max_frames_within_margin": abs(a_top - points[0]["adapter"]) <= s.margin,
+        "ttft_ratio": [p["ttft_ratio"] for p in cost_points],
     }
+    report = {
+        "kinds": kinds, "all": paired["all"], "margin": s.margin, "frame_sweep": sweep,
+        "cost": {"points": cost_points, "question": q, "how": "median wall time of one question, batch 1; adapter: "
+                 "prompt-only prefill + 1 token; in context: vision tower + prefill of the video prompt + 1 token"},
+        "criteria": criteria,
+        "teacher": {"rows": len(targets), "agreement_with_truth": agree, "max_new_tokens": 4},
+        "train": {"single_steps": s.single_steps, "compose_steps": s.compose_steps, "steps": trainer.step,
+                  "final_loss": history[-1]["loss"] if history else None,
+                  "examples": sum(len(g) for g in single + composed)},
+        "held_out": {"rows": len(rows), "videos": len(whole)},
+        "time_s": {"teacher": teacher_s, "train": train_s, "eval": eval_s, "total": time.perf_counter() - t_all},
+        "device": str(dev), "torch_threads": torch.get_num_threads(), "quick": bool(quick),
+        "seed": seed, "settings": asdict(s),
+        "base": {"name": b.name, "layers": b.num_layers, "hidden": b.hidden_size,
+                 "tokens_per_frame": b.tokens_per_frame, "image_size": b.image_size, "fingerprint": b.fingerprint},
+        "hypernet": hc.to_dict(),
+        "accuracy_method": "greedy decoding (max 4 new tokens) through Frames2LoRA.internalize/answer/"
+                           "answer_in_context; exact match (SQuAD normalisation) against the true answer; paired "
+                           "bootstrap CI from f2l.eval",
+    }
+    t0 = time.perf_counter()
+    report["plots"] = _plots(report, history, out_dir)
+    report["time_s"].update(setup=setup_s, render=render_s, encode=encode_s, plots=time.perf_counter() - t0)
+    report["time_s"]["total"] = time.perf_counter() - t_all
     _write_json_atomic(os.path.join(out_dir, "report.json"), report)
     if verbose:
         print(format_report(report))
-        print(f"report: {os.path.join(out_dir, 'report.json')}" + (f"  plot: {plot}" if plot else ""))
+        print(f"report: {os.path.join(out_dir, 'report.json')}")
     return report

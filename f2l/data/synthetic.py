@@ -46,6 +46,7 @@ __all__ = [
     "SyntheticVideo",
     "sample_segment",
     "render_segment",
+    "seeing_radius",
     "make_video",
     "make_videos",
     "answer_choices",
@@ -267,6 +268,17 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     # upward triangle: apex at the top, base at the bottom, width grows linearly downwards
     t = (dy + r) / (2 * r)
     return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r * 1.1)
+
+
+def seeing_radius(count: int) -> float:
+    """Shape radius (fraction of the frame) for ``count`` copies on small frames.
+
+    One copy is drawn large (its outline survives a coarse patch grid); two and three
+    copies shrink so that side-by-side copies never touch (lanes are ``size/(count+1)``
+    apart), which keeps every copy countable.
+    """
+    _check_int("count", count, 1, len(COUNTS))
+    return {1: 0.2, 2: 0.15, 3: 0.11}[int(count)]
 
 
 def render_segment(spec: SegmentSpec, num_frames: int, size: int, *, rng: np.random.Generator | None = None,
