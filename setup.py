@@ -100,7 +100,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["f2l", "f2l.*", "f2l_kernels", "f2l_kernels.*"]),
-    package_data={"f2l": ["configs/*.json"], "f2l_kernels": ["tuned/*.json"]},
+    package_data={"f2l": ["configs/*.json", "assets/tiny_seeing/*"], "f2l_kernels": ["tuned/*.json"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system=='Linux'",
