@@ -13,18 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from f2l.cli import main
+from test_cli import run  # (exit code, stdout, stderr) of f2l argv in this process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err):

@@ -37,40 +37,23 @@ import torch
 from tqdm.auto import tqdm
 
 from f2l.data import synthetic as syn
+from f2l.presets import TINY_TEXT, TINY_VISION
 
 __all__ = ["ASSET_DIR", "SEEING_TEXT", "SEEING_VISION", "SINGLE", "MULTI", "FRAME_CHOICES", "build_untrained",
            "sample_items", "closed_set_accuracy", "pretrain", "load_seeing_base", "main"]
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_seeing"
 
+# the tiny preset's architecture; the text model's MLP a little wider and a longer context
 SEEING_TEXT = dict(
-    model_type="llama",
-    hidden_size=64,
+    TINY_TEXT,
     intermediate_size=192,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-    attention_bias=False,
-    mlp_bias=False,
     # 0.02 (the HF default) leaves attention from the answer to the image tokens so weak that
     # a from-scratch model sits at chance for many hundred steps; ~1/sqrt(width) learns at once.
     initializer_range=0.1,
 )
-SEEING_VISION = dict(
-    model_type="smolvlm_vision",
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=48,
-    patch_size=8,
-    num_channels=3,
-)
+SEEING_VISION = dict(TINY_VISION)
 SCALE_FACTOR = 2
 SINGLE = ("colour", "shape", "direction", "count")
 MULTI = ("colour_of", "first_shape", "has_colour")
