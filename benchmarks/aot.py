@@ -596,20 +596,24 @@ def _perceiver_scenario(seq_rows, *, grad=False, latents=True):
 
 
 def scenarios(full: bool) -> list[Scenario]:
-    """The launch sweep. ``ci`` marks the representative subset (500M shapes, bf16, plus two
-    fp32 checks): short prefill (BLOCK_M=16) and long prefill, decode, rank-128
-    compositions in prefill and decode, the backward, a split + empty Perceiver batch."""
-    B16, B16F32 = ("bf16",), ("bf16", "fp32")
+    """The launch sweep. ``ci`` marks the representative subset (500M shapes in bf16, with
+    fp16 and fp32 checks; the 256M and 2.2B extremes): short prefill (BLOCK_M=16) and long
+    prefill, decode at 1/16/64 rows, rank-128 compositions and ragged ranks in prefill and
+    decode, the backward, a split + empty Perceiver batch."""
+    B16, B16F32, F16 = ("bf16",), ("bf16", "fp32"), ("fp16",)
     out: list[Scenario] = []
     for shape in MODEL_SHAPES:
         main = shape == "500M"
         for r in (16, 32, 64):
             base = main and r == 16
+            edge = shape != "500M" and r == 16  # the smallest and largest d_in/d_out
             for T in (7, 64, 300):
                 lens = [T, T, max(1, T // 2)]
                 ids = [0, 2, -1]
+                ci = (B16 if T == 7 else B16F32 if T == 300 else F16) if base else \
+                    (B16 if edge and T in (7, 300) else ())
                 out.append(Scenario(f"lora_linear/{shape}/r{r}/prefill T{T}", _lora_scenario(shape, lens, ids, r),
-                                    ci=(B16 if T == 7 else B16F32 if T == 300 else ()) if base else ()))
+                                    ci=ci))
                 out.append(Scenario(f"lora_linear/{shape}/r{r}/prefill T{T}/backward",
                                     _lora_scenario(shape, lens, ids, r, grad=True), ci=B16 if base and T == 7 else ()))
                 out.append(Scenario(f"lora_delta/{shape}/r{r}/prefill T{T}",
@@ -619,7 +623,7 @@ def scenarios(full: bool) -> list[Scenario]:
             for S in (1, 16, 64):
                 ids = [i % 4 for i in range(S)]
                 out.append(Scenario(f"lora_linear/{shape}/r{r}/decode S{S}", _lora_scenario(shape, [1] * S, ids, r),
-                                    ci=B16 if base and S == 16 else ()))
+                                    ci=B16 if base or (edge and S in (1, 64)) else ()))
                 out.append(Scenario(f"lora_delta/{shape}/r{r}/decode S{S}/out=",
                                     _lora_scenario(shape, [1] * S, ids, r, mode="delta", out=True)))
                 out.append(Scenario(f"lora_linear/{shape}/r{r}/decode S{S}/backward",
@@ -635,13 +639,14 @@ def scenarios(full: bool) -> list[Scenario]:
                             _lora_scenario(shape, [64, 64, 30], comp, 64, grad=True)))
         ragged = [16, 32, 64, 8]
         out.append(Scenario(f"lora_linear/{shape}/ragged/prefill T300/scale[P]",
-                            _lora_scenario(shape, [300, 7, 64], [0, [1, 2], 3], 64, ranks=ragged, scale_vec=True)))
+                            _lora_scenario(shape, [300, 7, 64], [0, [1, 2], 3], 64, ranks=ragged, scale_vec=True),
+                            ci=B16 if main else ()))
         out.append(Scenario(f"lora_linear/{shape}/ragged/decode S64/scale[P]",
                             _lora_scenario(shape, [1] * 64, [[0, 1], 2, 3, -1] * 16, 64, ranks=ragged,
-                                           scale_vec=True)))
+                                           scale_vec=True), ci=B16 if main else ()))
     # Perceiver: 12 frames x 64 tokens per (layer, video) and a 1,024-frame (65k-row) video
     # packed with an empty sequence
-    out.append(Scenario("perceiver/12x64 x4", _perceiver_scenario([768] * 4)))
+    out.append(Scenario("perceiver/12x64 x4", _perceiver_scenario([768] * 4), ci=F16))
     out.append(Scenario("perceiver/12x64 x4/backward", _perceiver_scenario([768] * 4, grad=True)))
     out.append(Scenario("perceiver/65k+empty+768", _perceiver_scenario([65536, 0, 768]), ci=("fp32",)))
     out.append(Scenario("perceiver/65k+empty+768/backward", _perceiver_scenario([65536, 0, 768], grad=True),
