@@ -1424,7 +1424,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device-slug>, "
                    "benchmarks/results/dry-run for --dry-run)")
     p.add_argument("--export", default=None, metavar="DIR", help="also keep DIR/gpu_suite_results.tar.gz, "
-                   "summary.md/json and suite.log current (e.g. $OUT on the device)")
+                   "summary.md/json and suite.log current (a folder a remote run returns)")
     p.add_argument("--commit", default=None, help="git commit to stamp on results where the tree has no .git")
     p.add_argument("--build", choices=("inplace", "pip"), default="inplace",
                    help="how the build step builds the extension (default: setup.py build_ext --inplace)")
