@@ -15,6 +15,8 @@ the loop ends when every sequence has stopped or ``max_new_tokens`` is reached.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -97,6 +99,23 @@ def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model``'s forward: transformers renamed ``past_key_values`` to
+    ``cache`` (the old name warns of its removal); older releases only know the old one."""
+    return {_cache_arg(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(cls) -> str:
+    import inspect
+
+    try:
+        names = inspect.signature(cls.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        names = {}
+    return "cache" if "cache" in names else "past_key_values"
 
 
 def _make_cache(config):

@@ -354,8 +354,11 @@ class Frames2LoRA(nn.Module):
     # ------------------------------------------------------------------ answering
 
     def _step(self, input_ids, inputs_embeds, mask, pos, cache):
-        out = self.base.text_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                                   position_ids=pos, past_key_values=cache, use_cache=True)
+        from f2l.generate import cache_kwargs
+
+        tm = self.base.text_model
+        out = tm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
+                 use_cache=True, **cache_kwargs(tm, cache))
         return self.base.lm_head(out.last_hidden_state[:, -1])
 
     def _pool(self, adapters):
