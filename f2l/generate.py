@@ -62,6 +62,23 @@ def left_pad(seqs: Sequence[torch.Tensor], pad_id: int, *, device=None):
     return ids.to(device), mask.to(device)
 
 
+def pad_labelled(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int, *,
+                 side: str = "right"):
+    """Pad id rows and their labels to ``[B, T]`` on ``side``; returns ``(ids, attention_mask,
+    labels)`` (labels -100 on the padding)."""
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    lab = torch.full((B, T), -100, dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+        lab[i, sl] = torch.tensor(lb, dtype=torch.long)
+    return ids, mask, lab
+
+
 def left_pad_embeds(embeds: Sequence[torch.Tensor]):
     """Left-pad ``[T_i, H]`` embeddings to ``[S, T, H]`` (zeros); returns ``(x, attention_mask)``."""
     T = max(int(e.shape[0]) for e in embeds)

@@ -285,16 +285,9 @@ class Frames2LoRA(nn.Module):
             a = tok(answer_text(answers[i]), add_special_tokens=False)["input_ids"] if answers is not None else []
             rows.append(q + a)
             labels.append([-100] * len(q) + a)
-        T = max(len(r) for r in rows)
-        B = len(rows)
-        ids = torch.full((B, T), int(tok.pad_token_id), dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.long)
-        lab = torch.full((B, T), -100, dtype=torch.long)
-        for i, (r, lb) in enumerate(zip(rows, labels)):
-            sl = slice(0, len(r)) if padding_side == "right" else slice(T - len(r), T)
-            ids[i, sl] = torch.tensor(r)
-            mask[i, sl] = 1
-            lab[i, sl] = torch.tensor(lb)
+        from f2l.generate import pad_labelled
+
+        ids, mask, lab = pad_labelled(rows, labels, tok.pad_token_id, side=padding_side)
         dev = self.device
         return ids.to(dev), mask.to(dev), lab.to(dev)
 

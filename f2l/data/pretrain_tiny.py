@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from f2l.data import synthetic as syn
+from f2l.generate import pad_labelled
 from f2l.presets import TINY_TEXT, TINY_VISION
 
 __all__ = ["ASSET_DIR", "SEEING_TEXT", "SEEING_VISION", "SINGLE", "MULTI", "FRAME_CHOICES", "build_untrained",
@@ -141,15 +142,8 @@ def _batch_inputs(base, items, *, with_answers: bool):
     pmask = torch.ones(px.shape[0], grid, grid, dtype=torch.bool, device=px.device)
     hs = base.vision_model(pixel_values=px, patch_attention_mask=pmask).last_hidden_state
     feats = base.connector(hs).reshape(-1, base.hidden_size)
-    T = max(len(r) for r in rows)
-    B = len(rows)
-    ids = torch.full((B, T), int(tok.pad_token_id), dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labs)):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-        labels[i, :len(r)] = torch.tensor(lb)
+    ids, mask, labels = pad_labelled(rows, labs, tok.pad_token_id)
+    B, T = ids.shape
     ids, mask, labels = ids.to(base.device), mask.to(base.device), labels.to(base.device)
     x = base.text_model.embed_tokens(ids)
     img = (ids == base.image_token_id).reshape(-1)
