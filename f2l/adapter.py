@@ -25,7 +25,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from f2l.config import atomic_dir, atomic_save_safetensors, atomic_write_text, check_finite
+from f2l.checks import check_finite
+from f2l.files import atomic_dir, atomic_save_safetensors, atomic_write_text
 
 __all__ = ["VideoAdapter", "FORMAT", "DEFAULT_LAYERS_PATH", "default_module_path"]
 

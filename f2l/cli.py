@@ -285,14 +285,14 @@ def _build_model(args, *, need_hypernet: bool = True, target_modules=None):
 
 def _check_device(args) -> None:
     if getattr(args, "device", None) is not None:
-        from f2l.config import check_device
+        from f2l.checks import check_device
 
         check_device(args.device, what="--device")
 
 
 def _locked(path: str):
-    """The exclusive lock of one output (f2l.config.OutputLock: a second writer gets a clear error)."""
-    from f2l.config import OutputLock
+    """The exclusive lock of one output (f2l.files.OutputLock: a second writer gets a clear error)."""
+    from f2l.files import OutputLock
 
     return OutputLock(path)
 

@@ -599,7 +599,7 @@ def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, conf
         net.save_pretrained(tmp)
         cfg.save(Path(tmp) / "f2l_config.json")
 
-    from f2l.config import atomic_dir
+    from f2l.files import atomic_dir
 
     atomic_dir(out, write)  # the directory appears complete or not at all
     return {"out_dir": str(out), "base": base_name, "official_base": official_base,

@@ -116,11 +116,11 @@ def export_peft(adapter, out_dir: str | os.PathLike, *, base=None, base_model_na
         ad._write_peft(tmp, files)
         check = verify_peft_dir(tmp, model=model, adapter=ad)
         info.update(_info(ad, base_model_name_or_path, rank, max_rank, check))
-        from f2l.config import atomic_write_text
+        from f2l.files import atomic_write_text
 
         atomic_write_text(Path(tmp) / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
 
-    from f2l.config import atomic_dir
+    from f2l.files import atomic_dir
 
     atomic_dir(out, write)
     if max_rank is None:

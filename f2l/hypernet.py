@@ -75,7 +75,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from f2l.adapter import VideoAdapter
-from f2l.config import atomic_save_safetensors, atomic_write_text
+from f2l.files import atomic_save_safetensors, atomic_write_text
 from f2l_kernels import perceiver_attention
 
 __all__ = [

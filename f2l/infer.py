@@ -9,7 +9,7 @@ in one KV-cached batch, each with its own adapter.
 Resumable: lines are appended and flushed per batch, and a rerun skips every id already
 in the output with a prediction (a line cut off by a crash is dropped and redone; an id
 found more than once is kept once, so the output never holds duplicates). One writer per
-output: the CLI holds :class:`f2l.config.OutputLock` on it. A
+output: the CLI holds :class:`f2l.files.OutputLock` on it. A
 video that cannot be read does not stop the run: its rows are written with
 ``"prediction": null`` and ``"error"``, and the next run retries them.
 """
@@ -58,7 +58,7 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
 
 
 def _rewrite(path: str, rows: Sequence[dict]) -> None:
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

@@ -370,7 +370,7 @@ def load_base(base, *, device=None, dtype=None) -> BaseVLM:
 
 def save_base(base: BaseVLM, path) -> None:
     """Write ``base`` as a checkpoint directory that :func:`load_base` reads back."""
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

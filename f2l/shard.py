@@ -77,7 +77,7 @@ def merge_predictions(manifest: str, output: str, n: int, *, data_root=None, spl
     Returns ``{"rows", "missing", "output"}``: ``missing`` lists the manifest ids that no shard
     has answered yet (rerun their shards: they resume); the merge writes what there is.
     """
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
     from f2l.data.manifest import read_manifest
     from f2l.infer import read_predictions
 

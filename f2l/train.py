@@ -560,7 +560,7 @@ def _set_rng_state(state: dict) -> None:
 
 def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
     """Build a directory under a temporary name, then move it into place."""
-    from f2l.config import atomic_dir
+    from f2l.files import atomic_dir
 
     atomic_dir(final, write)
 
@@ -621,7 +621,7 @@ def load_checkpoint(path: str, *, hypernet: torch.nn.Module, optimizer: torch.op
     if set(sd) != set(own):
         raise ValueError(f"path: hypernetwork weights do not match the model (missing "
                          f"{sorted(set(own) - set(sd))[:5]}, unexpected {sorted(set(sd) - set(own))[:5]})")
-    from f2l.config import check_finite
+    from f2l.checks import check_finite
 
     for k, v in own.items():
         if sd[k].shape != v.shape:
@@ -701,7 +701,7 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
@@ -765,7 +765,7 @@ def _resolve_device(device) -> torch.device:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local)
         return torch.device("cpu")
-    from f2l.config import check_device
+    from f2l.checks import check_device
 
     return check_device(device)
 
@@ -1031,7 +1031,7 @@ class Trainer:
             for r in _read_metrics(mpath):  # one row per step: the last one written wins
                 if r["step"] <= self.step:
                     by_step[r["step"]] = r
-            from f2l.config import atomic_write_text
+            from f2l.files import atomic_write_text
 
             atomic_write_text(mpath, "".join(json.dumps(by_step[k]) + "\n" for k in sorted(by_step)))
         return self.step
@@ -1102,7 +1102,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         dist = _dist()
         if dist is None or dist.get_rank() == 0:  # rank 0 writes out_dir; it alone holds the lock
-            from f2l.config import OutputLock
+            from f2l.files import OutputLock
 
             lock = OutputLock(cfg.out_dir).acquire()
             _claim_out_dir(cfg)

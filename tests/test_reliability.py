@@ -260,7 +260,7 @@ def test_internalize_long_records_the_base(work, tmp_path, capsys):
 
 
 def test_second_infer_writer_gets_a_clear_error(work, tmp_path, capsys):
-    from f2l.config import OutputLock
+    from f2l.files import OutputLock
 
     out = tmp_path / "p.jsonl"
     with OutputLock(out):
@@ -286,7 +286,7 @@ def test_stale_lock_is_taken_over_and_resume_deduplicates(work, tmp_path, capsys
 
 def test_second_train_writer_gets_a_clear_error(tmp_path):
     from f2l import train as tr
-    from f2l.config import OutputBusyError, OutputLock
+    from f2l.files import OutputBusyError, OutputLock
 
     out = tmp_path / "D"
     with OutputLock(out):
@@ -296,14 +296,14 @@ def test_second_train_writer_gets_a_clear_error(tmp_path):
 
 
 def test_lock_is_exclusive_across_processes(tmp_path):
-    code = ("import sys, time; from f2l.config import OutputLock\n"
+    code = ("import sys, time; from f2l.files import OutputLock\n"
             "with OutputLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)\n")
     env = {**os.environ, "PYTHONPATH": ROOT}
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "o")], stdout=subprocess.PIPE, env=env,
                          text=True)
     try:
         assert p.stdout.readline().strip() == "held"
-        from f2l.config import OutputBusyError, OutputLock
+        from f2l.files import OutputBusyError, OutputLock
 
         with pytest.raises(OutputBusyError, match=str(p.pid)):
             with OutputLock(tmp_path / "o"):
@@ -440,7 +440,7 @@ def test_bench_writes_under_cwd(tmp_path, monkeypatch):
 
 
 def test_outputs_respect_the_umask(base, tmp_path):
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -479,7 +479,7 @@ def test_data_root_confinement(tmp_path, capsys):
 
 
 def test_stale_temp_files_are_cleaned(base, tmp_path):
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
 
     dead = _dead_pid()
     stale = tmp_path / f".a.safetensors.{dead}.k1ll.tmp"

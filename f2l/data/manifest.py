@@ -214,7 +214,7 @@ def write_manifest(rows: Iterable[ManifestRow | dict], path: str | os.PathLike) 
         else:
             raise TypeError(f"rows[{i - 1}]: expected a ManifestRow or dict, got {type(row).__name__}")
         lines.append(json.dumps(d, ensure_ascii=False))
-    from f2l.config import atomic_write_text
+    from f2l.files import atomic_write_text
 
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return path
