@@ -24,7 +24,7 @@ _LAZY = {
     "load_base": "f2l.presets",
     "encode_videos": "f2l.encode",
     "EncodedVideos": "f2l.encode",
-    "HypernetConfig": "f2l.hypernet",
+    "HypernetConfig": "f2l.config",
     "Frames2LoRAHypernet": "f2l.hypernet",
 }
 

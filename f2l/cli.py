@@ -269,7 +269,8 @@ def _build_model(args, *, need_hypernet: bool = True, target_modules=None):
         raise CommandError("pass --base (a preset name or a SmolVLM2 checkpoint directory); nothing records "
                            "which base model to use" + hint)
     if not need_hypernet:
-        from f2l.hypernet import Frames2LoRAHypernet, HypernetConfig
+        from f2l.config import HypernetConfig
+        from f2l.hypernet import Frames2LoRAHypernet
         from f2l.presets import load_base
 
         b = load_base(base, device=args.device, dtype=_dtype(args.dtype))

@@ -1,6 +1,13 @@
-"""``F2LConfig``: everything besides weights that a Frames2LoRA checkpoint needs --
-which base it was trained on, the hypernetwork's architecture, how frames are sampled,
-and the internalization instruction.
+"""The configurations of a Frames2LoRA checkpoint, as plain data (no torch).
+
+- :class:`HypernetConfig`: the sizes of the hypernetwork (:class:`f2l.hypernet.Frames2LoRAHypernet`
+  is built from one; ``f2l.hypernet`` re-exports it, its public path).
+- :class:`F2LConfig`: everything besides weights that a checkpoint needs -- which base it
+  was trained on, the hypernetwork's architecture, how frames are sampled, and the
+  internalization instruction.
+
+Both sit below every module that reads or writes them (the hypernetwork, the model, the
+converter, training), so each of those imports them and none imports another to get them.
 
 The atomic file helpers and ``OutputLock`` live in :mod:`f2l.files`, the input guards in
 :mod:`f2l.checks`; they are re-exported here because ``f2l.config`` was their path (and
@@ -10,9 +17,10 @@ New code imports them from their home.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from f2l.checks import check_device, check_finite  # noqa: F401  (re-export: the old path)
 from f2l.files import (  # noqa: F401  (re-export: the old path)
@@ -28,6 +36,193 @@ from f2l.files import (  # noqa: F401  (re-export: the old path)
 DEFAULT_INSTRUCTION = "Internalize this video for later captioning."
 DEFAULT_LONGEST_EDGE = 384  # frames' intermediate longest edge, the authors' setting (f2l.video uses it)
 CONFIG_VERSION = 1
+HYPERNET_PRESETS = ("frames2lora", "tiny")
+
+
+def default_lora_alpha(rank: int) -> float:
+    """The official scale: ``2 * r**1.5``, multiplying the delta directly."""
+    return 2.0 * float(rank) ** 1.5
+
+
+# --------------------------------------------------------------------------- HypernetConfig
+
+
+@dataclass
+class HypernetConfig:
+    """Sizes of a :class:`f2l.hypernet.Frames2LoRAHypernet`.
+
+    ``target_modules`` maps a module name of the base model's decoder layers (a short
+    name such as ``"down_proj"``) to its ``(d_in, d_out)``. ``rank`` is the number of
+    context-dependent ranks per adapter, ``bias_rank`` the number of context-free ranks
+    appended after them (0 disables bias LoRA). ``lora_alpha=None`` means ``2*rank**1.5``.
+    """
+
+    num_layers: int
+    hidden_size: int
+    target_modules: dict[str, tuple[int, int]]
+    rank: int = 16
+    latent_dim: int = 512
+    num_latents: int = 8
+    num_blocks: int = 9
+    num_heads: int = 16
+    head_dim: int = 128
+    num_kv_heads: int = 4
+    ff_mult: int = 4
+    proj_mult: int = 4
+    bias_rank: int = 0
+    lora_alpha: float | None = None
+    num_pre_head_layers: int = 1
+    pre_head_mult: int = 4
+    rms_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.target_modules, Mapping) or not self.target_modules:
+            raise ValueError(
+                f"target_modules: expected a non-empty dict name -> (d_in, d_out), got {self.target_modules!r}"
+            )
+        tm = {}
+        for name, shape in self.target_modules.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(
+                    f"target_modules: expected short module names such as 'down_proj' (no dots), got {name!r}"
+                )
+            if (
+                not isinstance(shape, (tuple, list))
+                or len(shape) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            ):
+                raise ValueError(
+                    f"target_modules[{name!r}]: expected (d_in, d_out) positive ints, got {shape!r}"
+                )
+            tm[name] = (int(shape[0]), int(shape[1]))
+        self.target_modules = {k: tm[k] for k in sorted(tm)}
+        for name in ("num_layers", "hidden_size", "rank", "latent_dim", "num_latents", "num_blocks",
+                     "num_heads", "head_dim", "num_kv_heads", "ff_mult", "proj_mult", "pre_head_mult"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        for name in ("bias_rank", "num_pre_head_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads: expected a divisor of num_heads={self.num_heads}, got {self.num_kv_heads}"
+            )
+        if self.lora_alpha is not None:
+            if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) \
+                    or not math.isfinite(self.lora_alpha):
+                raise ValueError(f"lora_alpha: expected a finite float or None, got {self.lora_alpha!r}")
+            self.lora_alpha = float(self.lora_alpha)
+        for name in ("rms_norm_eps", "layer_norm_eps", "init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"{name}: expected a positive float, got {v!r}")
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra: expected a dict, got {type(self.extra).__name__}")
+
+    # derived sizes
+    @property
+    def scale(self) -> float:
+        """Multiplier of the LoRA delta (``lora_alpha``, default ``2*rank**1.5``)."""
+        return default_lora_alpha(self.rank) if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(self.target_modules)
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.target_modules)
+
+    @property
+    def total_rank(self) -> int:
+        return self.rank + self.bias_rank
+
+    @property
+    def d_lora(self) -> int:
+        return max(a + b for a, b in self.target_modules.values())
+
+    # serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = {k: list(v) for k, v in self.target_modules.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HypernetConfig":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"d: unknown HypernetConfig fields {unknown}; known fields are {sorted(known)}")
+        kw = dict(d)
+        if "target_modules" in kw and isinstance(kw["target_modules"], Mapping):
+            kw["target_modules"] = {k: tuple(v) for k, v in kw["target_modules"].items()}
+        return cls(**kw)
+
+    # presets
+    @staticmethod
+    def _base_sizes(base, num_layers, hidden_size, target_modules, default_targets=("down_proj",)):
+        if base is not None:
+            for attr in ("num_layers", "hidden_size", "module_shapes"):
+                if not hasattr(base, attr):
+                    raise TypeError(
+                        f"base: expected a BaseVLM-like object with .{attr}, got {type(base).__name__}"
+                    )
+            num_layers = base.num_layers if num_layers is None else num_layers
+            hidden_size = base.hidden_size if hidden_size is None else hidden_size
+            if target_modules is None or not isinstance(target_modules, Mapping):
+                names = tuple(target_modules) if target_modules is not None else default_targets
+                target_modules = dict(base.module_shapes(names))
+        if num_layers is None or hidden_size is None or target_modules is None:
+            raise ValueError(
+                "base: pass a BaseVLM-like object, or all of num_layers, hidden_size and "
+                "target_modules={name: (d_in, d_out)}"
+            )
+        return num_layers, hidden_size, target_modules
+
+    @classmethod
+    def frames2lora(cls, base=None, *, num_layers=None, hidden_size=None, target_modules=None,
+                    **overrides) -> "HypernetConfig":
+        """The official architecture: latent 512, 8 latents, 9 blocks, 16x128 heads with 4 KV
+        heads, SwiGLU 4x, one pre-head block, ``down_proj`` only, r = 16 plus 16 bias ranks
+        (the official checkpoints carry bias LoRA), ``lora_alpha = 2*r**1.5``."""
+        L, H, tm = cls._base_sizes(base, num_layers, hidden_size, target_modules)
+        kw: dict[str, Any] = dict(
+            num_layers=L, hidden_size=H, target_modules=tm, rank=16, latent_dim=512, num_latents=8,
+            num_blocks=9, num_heads=16, head_dim=128, num_kv_heads=4, ff_mult=4, proj_mult=4,
+            num_pre_head_layers=1, pre_head_mult=4,
+        )
+        kw.update(overrides)
+        kw.setdefault("bias_rank", kw["rank"])
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls, base=None, *, num_layers=None, hidden_size=None, target_modules=None,
+             **overrides) -> "HypernetConfig":
+        """A small hypernetwork for CPU tests and demos (same architecture, small sizes)."""
+        L, H, tm = cls._base_sizes(base, num_layers, hidden_size, target_modules)
+        kw: dict[str, Any] = dict(
+            num_layers=L, hidden_size=H, target_modules=tm, rank=4, latent_dim=32, num_latents=4,
+            num_blocks=2, num_heads=4, head_dim=8, num_kv_heads=2, ff_mult=2, proj_mult=2,
+            bias_rank=2, num_pre_head_layers=1, pre_head_mult=2,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_preset(cls, name: str, base=None, **kwargs) -> "HypernetConfig":
+        if name not in HYPERNET_PRESETS:
+            raise ValueError(f"name: expected one of {HYPERNET_PRESETS}, got {name!r}")
+        return getattr(cls, name)(base, **kwargs)
+
+
+# --------------------------------------------------------------------------- F2LConfig
 
 
 @dataclass
@@ -107,8 +302,6 @@ class F2LConfig:
             raise ValueError(f"data: unknown F2LConfig keys {unknown}; expected a subset of {sorted(known)}")
         hn = data.get("hypernet")
         if isinstance(hn, dict):
-            from f2l.hypernet import HypernetConfig
-
             data["hypernet"] = HypernetConfig.from_dict(hn)
         if "target_modules" in data:
             data["target_modules"] = tuple(data["target_modules"])

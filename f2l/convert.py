@@ -287,14 +287,14 @@ def _shape(t: dict, key: str, what: str) -> tuple[int, ...]:
 
 
 def infer_config(checkpoint: OfficialCheckpoint | Mapping, *, head_dim: int = 128):
-    """The :class:`~f2l.hypernet.HypernetConfig` an official state dict implies.
+    """The :class:`~f2l.config.HypernetConfig` an official state dict implies.
 
     Everything is read from tensor shapes except ``head_dim`` (the official perceiver uses
     128; ``num_heads``/``num_kv_heads`` follow from it), ``use_bias`` and ``lora_alpha``
     (from the pickled ``hypernet_config`` when present; defaults: bias LoRA on,
     ``2 r^1.5``).
     """
-    from f2l.hypernet import HypernetConfig
+    from f2l.config import HypernetConfig
 
     ck = checkpoint if isinstance(checkpoint, OfficialCheckpoint) else \
         _split_state_dict(checkpoint, "state_dict")
@@ -420,7 +420,7 @@ def _map_key(key: str) -> str | None:
 
 
 def _check_config(config):
-    from f2l.hypernet import HypernetConfig
+    from f2l.config import HypernetConfig
 
     if not isinstance(config, HypernetConfig):
         raise TypeError(f"config: expected a HypernetConfig, got {type(config).__name__}")
@@ -483,7 +483,7 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor] | OfficialCheckpoint, conf
 
 def _recorded_settings(ck: OfficialCheckpoint, rank: int) -> dict:
     """Non-shape settings the pickled official config records (empty when it has none)."""
-    from f2l.hypernet import default_lora_alpha
+    from f2l.config import default_lora_alpha
 
     hc = ck.hypernet_config
     if hc is None:
@@ -533,7 +533,7 @@ def load_official(path: str | os.PathLike | Mapping, config=None, *, device=None
     if config is None:
         config = infer_config(ck)
     else:
-        from f2l.hypernet import HypernetConfig
+        from f2l.config import HypernetConfig
 
         if not isinstance(config, HypernetConfig):
             raise TypeError(f"config: expected a HypernetConfig, got {type(config).__name__}")

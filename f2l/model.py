@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from f2l.config import DEFAULT_INSTRUCTION, F2LConfig
+from f2l.config import DEFAULT_INSTRUCTION, HYPERNET_PRESETS, F2LConfig, HypernetConfig
 from f2l.encode import EncodedVideos, encode_videos, multimodal_embeds, prompt_ids
 from f2l.generate import SamplingConfig, generate, left_pad, left_pad_embeds, position_ids_from_mask, trim_stop_strings
 from f2l.presets import BaseVLM, load_base
@@ -95,7 +95,7 @@ class Frames2LoRA(nn.Module):
         ``.pt`` checkpoint (converted by :mod:`f2l.convert`), or a module.
         dtype: the base's dtype; the hypernetwork uses it too (default float32).
         """
-        from f2l.hypernet import HYPERNET_PRESETS, Frames2LoRAHypernet, HypernetConfig
+        from f2l.hypernet import Frames2LoRAHypernet
 
         if preset is not None and not isinstance(preset, str):
             raise TypeError(f"preset: expected None or a str, got {type(preset).__name__}")
@@ -142,7 +142,7 @@ class Frames2LoRA(nn.Module):
 
     @staticmethod
     def _load_official(path: Path, base: BaseVLM, preset):
-        from f2l.hypernet import Frames2LoRAHypernet, HypernetConfig
+        from f2l.hypernet import Frames2LoRAHypernet
 
         try:
             from f2l import convert
