@@ -21,40 +21,9 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from f2l.shard import read_predictions, select
+
 __all__ = ["run_inference", "read_predictions"]
-
-
-def read_predictions(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
-    """Rows of an existing output file that have a prediction, by id, and how many other
-    lines (errors, a truncated last line, repeats of an id) the file held."""
-    path = os.fspath(path)
-    done: dict[str, dict] = {}
-    dropped = 0
-    if not os.path.exists(path):
-        return done, 0
-    if not os.path.isfile(path):
-        raise ValueError(f"output: {path!r} exists and is not a file")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                s = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise ValueError(f"output: {path}:{lineno} is not UTF-8 text; is {path!r} an f2l predictions "
-                                 f"file?") from None
-            if not s:
-                continue
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError:
-                dropped += 1  # a line cut off by an interrupted run
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("id"), str) and isinstance(obj.get("prediction"), str):
-                if obj["id"] in done:
-                    dropped += 1  # written twice (by two writers before outputs were locked)
-                done[obj["id"]] = obj
-            else:
-                dropped += 1
-    return done, dropped
 
 
 def _rewrite(path: str, rows: Sequence[dict]) -> None:
@@ -121,8 +90,6 @@ def run_inference(model, manifest: str | os.PathLike, output: str | os.PathLike,
         raise ValueError(f"output: {output!r} is the input manifest; choose another file")
     rows = read_manifest(manifest, data_root=data_root, split=split, confine=confine)
     if shard is not None:
-        from f2l.shard import select
-
         rows = select(rows, [r.id for r in rows], shard)
     done, dropped = read_predictions(output)
     if dropped:  # drop error rows / a truncated tail so each id appears once

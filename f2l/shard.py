@@ -9,6 +9,9 @@ together cover the corpus once, with no overlap. ``--shard rank`` takes ``i/n`` 
 Sharded ``infer`` writes ``P.shard-I-of-N.jsonl`` beside the requested ``P.jsonl`` (each
 shard file has its own lock and resumes on its own); :func:`merge_predictions` (``f2l infer
 --merge``) joins them into ``P.jsonl`` in manifest order, one row per id.
+
+:func:`read_predictions` reads a predictions file (what resuming and merging both need);
+it lives here, below :mod:`f2l.infer`, which writes those files and re-exports it.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import os
 import re
 from typing import Sequence
 
-__all__ = ["parse_shard", "in_shard", "select", "shard_path", "shard_paths", "merge_predictions"]
+__all__ = ["parse_shard", "in_shard", "select", "shard_path", "shard_paths", "read_predictions",
+           "merge_predictions"]
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -70,6 +74,39 @@ def shard_paths(output: str, n: int) -> list[str]:
     return [shard_path(output, (i, n)) for i in range(n)]
 
 
+def read_predictions(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """Rows of an existing output file that have a prediction, by id, and how many other
+    lines (errors, a truncated last line, repeats of an id) the file held."""
+    path = os.fspath(path)
+    done: dict[str, dict] = {}
+    dropped = 0
+    if not os.path.exists(path):
+        return done, 0
+    if not os.path.isfile(path):
+        raise ValueError(f"output: {path!r} exists and is not a file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                s = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"output: {path}:{lineno} is not UTF-8 text; is {path!r} an f2l predictions "
+                                 f"file?") from None
+            if not s:
+                continue
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError:
+                dropped += 1  # a line cut off by an interrupted run
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("id"), str) and isinstance(obj.get("prediction"), str):
+                if obj["id"] in done:
+                    dropped += 1  # written twice (by two writers before outputs were locked)
+                done[obj["id"]] = obj
+            else:
+                dropped += 1
+    return done, dropped
+
+
 def merge_predictions(manifest: str, output: str, n: int, *, data_root=None, split: str | None = None) -> dict:
     """Join the ``n`` shard files of ``output`` into ``output`` (atomically, in manifest order,
     one row per id; rows without a prediction -- errors, cut-off lines -- are left out).
@@ -79,7 +116,6 @@ def merge_predictions(manifest: str, output: str, n: int, *, data_root=None, spl
     """
     from f2l.files import atomic_write_text
     from f2l.data.manifest import read_manifest
-    from f2l.infer import read_predictions
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected the number of shards (an int >= 1), got {n!r}")
