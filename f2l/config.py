@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from f2l.checks import check_device, check_finite  # noqa: F401  (re-export: the old path)
-from f2l.files import (  # noqa: F401  (re-export: the old path)
+from f2l.checks import check_device, check_finite
+from f2l.files import (
     OutputBusyError,
     OutputLock,
     atomic_dir,
@@ -32,6 +32,12 @@ from f2l.files import (  # noqa: F401  (re-export: the old path)
     atomic_write_text,
     clean_stale_temps,
 )
+
+__all__ = ["F2LConfig", "HypernetConfig", "default_lora_alpha", "HYPERNET_PRESETS", "DEFAULT_INSTRUCTION",
+           "DEFAULT_LONGEST_EDGE",
+           # re-exported from f2l.files / f2l.checks (their old path)
+           "atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors", "atomic_dir", "clean_stale_temps",
+           "OutputLock", "OutputBusyError", "check_finite", "check_device"]
 
 DEFAULT_INSTRUCTION = "Internalize this video for later captioning."
 DEFAULT_LONGEST_EDGE = 384  # frames' intermediate longest edge, the authors' setting (f2l.video uses it)

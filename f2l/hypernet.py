@@ -75,7 +75,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from f2l.adapter import VideoAdapter
-from f2l.config import HYPERNET_PRESETS, HypernetConfig, default_lora_alpha  # noqa: F401  (also this module's names)
+from f2l.config import HYPERNET_PRESETS, HypernetConfig, default_lora_alpha  # this module's names too (their old home)
 from f2l.files import atomic_save_safetensors, atomic_write_text
 from f2l_kernels import perceiver_attention
 
@@ -84,6 +84,7 @@ __all__ = [
     "Frames2LoRAHypernet",
     "AdapterTensors",
     "HYPERNET_PRESETS",
+    "default_lora_alpha",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
