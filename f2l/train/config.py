@@ -15,7 +15,6 @@ __all__ = ["TrainConfig", "PRECISIONS", "add_train_arguments", "config_from_args
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the data on disk.
@@ -163,7 +162,6 @@ class TrainConfig:
         return cls(**d)
 
 
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``f2l train`` options (one per :class:`TrainConfig` field) to ``parser``."""
     d = TrainConfig()
@@ -211,7 +209,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--device", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
-
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
