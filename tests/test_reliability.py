@@ -115,7 +115,7 @@ def test_retention_is_by_step_and_never_deletes_latest(tmp_path):
     assert _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
     # keep_checkpoints=1 kept exactly the newest; a 10-million-step name sorts after the 7-digit ones
     assert sorted(d for d in os.listdir(ck) if d.startswith("step-")) == ["step-0000006"]
-    assert sorted(["step-10000000", "step-9999999"], key=tr._checkpoint_step)[-1] == "step-10000000"
+    assert sorted(["step-10000000", "step-9999999"], key=tr.checkpoint._checkpoint_step)[-1] == "step-10000000"
 
 
 def test_prune_keeps_what_it_should(tmp_path):
@@ -123,9 +123,9 @@ def test_prune_keeps_what_it_should(tmp_path):
 
     for s in (1, 2, 3, 10):
         (tmp_path / f"step-{s:07d}").mkdir()
-    tr._prune_checkpoints(str(tmp_path), "step-0000010", 10, 5)  # fewer than keep: nothing goes
+    tr.checkpoint._prune_checkpoints(str(tmp_path), "step-0000010", 10, 5)  # fewer than keep: nothing goes
     assert len(os.listdir(tmp_path)) == 4
-    tr._prune_checkpoints(str(tmp_path), "step-0000002", 2, 2)  # resumed at 2: 3 and 10 are its dead future
+    tr.checkpoint._prune_checkpoints(str(tmp_path), "step-0000002", 2, 2)  # resumed at 2: 3 and 10 are its dead future
     assert sorted(os.listdir(tmp_path)) == ["step-0000001", "step-0000002"]
 
 
@@ -160,7 +160,7 @@ def test_metrics_are_on_disk_before_the_checkpoint_that_covers_them(tmp_path):
 
     model = Frames2LoRA.from_pretrained("tiny", preset="tiny")
     store = tr.VideoStore(model)
-    exs = tr._synthetic_examples(cfg, store)
+    exs = tr.run._synthetic_examples(cfg, store)
     t = tr.Trainer(model, cfg, [tr.Stage("single", 3, tr.ShuffledSource(exs))], store, on_step=on_step)
     t.fit()
     assert seen["rows"] == [1, 2]

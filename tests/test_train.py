@@ -145,17 +145,17 @@ def test_checkpoint_state_roundtrip():
     p(torch.randn(4, 3)).sum().backward()
     opt.step()
     tensors = {}
-    skel = tr._flatten(opt.state_dict(), "o", tensors)
+    skel = tr.checkpoint._flatten(opt.state_dict(), "o", tensors)
     json.dumps(skel)  # plain JSON
-    back = tr._unflatten(json.loads(json.dumps(skel)), tensors)
+    back = tr.checkpoint._unflatten(json.loads(json.dumps(skel)), tensors)
     ref = opt.state_dict()
     assert back["param_groups"][0]["betas"] == (0.8, 0.9)
     for pid, st in ref["state"].items():
         for k, v in st.items():
             assert torch.equal(back["state"][pid][k], v)
-    rng = tr._flatten(tr._rng_state(), "r", tensors)
+    rng = tr.checkpoint._flatten(tr.checkpoint._rng_state(), "r", tensors)
     a = torch.rand(3), np.random.rand(2)
-    tr._set_rng_state(tr._unflatten(json.loads(json.dumps(rng)), tensors))
+    tr.checkpoint._set_rng_state(tr.checkpoint._unflatten(json.loads(json.dumps(rng)), tensors))
     b = torch.rand(3), np.random.rand(2)
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
