@@ -9,6 +9,11 @@ made for another base model) with one line ``f2l <command>: error: ...`` on stde
 traceback; 1 an unexpected internal error (traceback shown), or ``f2l infer`` finished with
 rows whose video could not be read (marked in the output); 130 interrupted.
 ``F2L_DEBUG=1`` shows the traceback of user errors too.
+
+Length: the command table, the argument/handler pair of each of its eleven commands (which
+the table finds by name in this module) and the option helpers they share; every handler
+is a thin adapter from parsed arguments to a library call that it imports lazily, so the
+machinery itself lives in the modules below.
 """
 from __future__ import annotations
 

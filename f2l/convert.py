@@ -56,6 +56,10 @@ feed-forward sandwiched by RMSNorms, residuals), final RMSNorm; a one-block deco
 ``n_mod * r`` queries attend to the 8 latents the same way; the residual MLP; L2
 normalisation; ``head`` -> ``[A row | B row]`` per rank; ``A *= scaler_A``,
 ``B *= scaler_B``; bias ranks appended; delta ``= 2 r^1.5 (x A^T) B``.
+
+Length: one foreign format end to end -- the safe reader, the key map, inferring and
+reconciling the ``HypernetConfig``, and the verified atomic write all serve
+:func:`convert_checkpoint` and change together when the authors' format does.
 """
 from __future__ import annotations
 

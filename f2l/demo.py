@@ -33,6 +33,10 @@ role. The demo then runs the paper's pipeline on it:
 Outputs in ``out_dir``: ``report.json``, ``accuracy.png``, ``frame_sweep.png``, ``ttft.png``,
 ``training_curve.png``, the held-out predictions (``eval/*.jsonl``, re-scorable with
 ``f2l eval``), the teacher manifest, ``metrics.jsonl`` and the hypernetwork (``hypernet/``).
+
+Length: one scripted experiment (teacher targets, two training stages, the evaluations,
+plots and report), read top to bottom as the paper's pipeline; its parts are used nowhere
+else.
 """
 from __future__ import annotations
 

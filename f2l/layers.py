@@ -20,6 +20,12 @@ Example::
     with patch.use(out.lora_a, out.lora_b, [0, 1, [0, 1], -1], scale=out.scale):
         logits = model(input_ids=ids, attention_mask=mask).logits   # ids [4, T]
     patch.remove()
+
+Length: ``F2LPatch``, ``AdapterPool`` and ``LoRALinear`` are three faces of one mechanism:
+they share the adapter-id, scale, rank and sequence-length checks and the one
+``LoraBatch`` built per input shape, and ``F2LPatch.use_pool`` reads the pool's layout
+directly; apart, one contract (docs/internals.md, "Per-example LoRA in a model") would be
+spread over several files.
 """
 from __future__ import annotations
 
