@@ -115,12 +115,58 @@ def test_shipped_base_matches_its_report_and_sees():
     rep = json.loads((pt.ASSET_DIR / "pretrain_report.json").read_text())
     assert base.fingerprint == rep["fingerprint"]
     assert (base.tokens_per_frame, base.image_size, base.num_layers) == (9, 48, 4)
-    # a fresh held-out sample (a seed stream neither the pretraining nor its report used)
+    assert set(rep["accuracy_by_frames_per_segment"]["4"]) == set(pt.SINGLE + pt.MULTI)
+    # a fresh held-out sample (a seed stream neither the pretraining nor its report used):
+    # it answers every kind, not only colour
     rng = np.random.default_rng([12345, 1])
-    items = [it for it in pt.sample_items(rng, 24, 4, multi_prob=0.0) if it[1].kind == "colour"][:8]
-    items += pt._eval_items(rng, 14, 4)[:4]  # one video of each single kind
+    items = pt._eval_items(rng, 8 * len(pt.SINGLE + pt.MULTI), 4)
     acc = pt.closed_set_accuracy(base, items, batch=16)
-    assert acc["colour"] >= 0.75, acc
+    assert set(acc) == set(pt.SINGLE + pt.MULTI)
+    assert all(v >= 0.75 for v in acc.values()), acc
+
+
+def test_probe_loss_reads_every_frame_and_each_segment_direction():
+    base = pt.build_untrained(3)
+    probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
+    rng = np.random.default_rng(7)
+    items = pt.sample_items(rng, 3, 2, multi_prob=1.0)  # 2-3 segments of 2 frames each
+    n_frames = sum(f.shape[0] for f, _, _ in items)
+    tokens = torch.randn(n_frames, base.tokens_per_frame, base.hidden_size, requires_grad=True)
+    pt.probe_loss(probes, tokens, items).backward()
+    assert bool((tokens.grad.abs().sum((1, 2)) > 0).all())  # every frame is supervised
+    # one frame a segment: no direction term, only the per-frame classes
+    items1 = pt.sample_items(np.random.default_rng(8), 2, 1, multi_prob=0.0)
+    t1 = torch.randn(2, base.tokens_per_frame, base.hidden_size)
+    specs = [segs[0] for _, _, segs in items1]
+    assert torch.allclose(pt.probe_loss(probes, t1, items1), probes.frame_loss(t1, specs))
+    # with two frames the direction term is added (and is positive)
+    assert float(pt.probe_loss(probes, tokens.detach(), items)) > float(
+        probes.frame_loss(tokens.detach(), [sp for f, _, segs in items for sp in segs for _ in range(2)]))
+
+
+def test_vision_stage_lowers_the_probe_loss():
+    torch.manual_seed(0)
+    base = pt.build_untrained(3)
+    probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
+    params = [*base.vision_model.parameters(), *base.connector.parameters(), *probes.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(8):  # the same 16 frames each step
+        loss = pt.vision_probe_loss(base, probes, np.random.default_rng(5))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] * 0.8, losses
+
+
+def test_pretrain_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="vision_steps"):
+        pt.pretrain(tmp_path, vision_steps=-1)
+    with pytest.raises(ValueError, match="aux_weight"):
+        pt.pretrain(tmp_path, aux_weight=-0.5)
+    with pytest.raises(ValueError, match="steps"):
+        pt.pretrain(tmp_path, steps=0)
 
 
 def test_pretraining_lowers_the_answer_loss():
