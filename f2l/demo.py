@@ -81,12 +81,13 @@ class DemoSettings:
     sweep_segments: int = 16
     # The compose stage (single-segment groups plus joins) does most of the work on
     # composition; measured on the shipped base, composed colour_of: 0.58 after 400 + 400
-    # steps at lr 2e-3, 0.78 after 300 + 600 at lr 1e-3.
+    # steps at lr 2e-3, 0.66-0.78 after 300 + 600 at lr 1e-3, 0.91 after 300 + 1000 at
+    # lr 1e-3 and 0.96 at lr 1.5e-3.
     single_steps: int = 300
-    compose_steps: int = 600
+    compose_steps: int = 1000
     videos_per_step: int = 8
     questions_per_video: int = 4
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup_steps: int = 20
     rank: int = 8
     latent_dim: int = 64
