@@ -58,8 +58,8 @@ from f2l.generate import pad_labelled
 from f2l.presets import TINY_TEXT, TINY_VISION
 
 __all__ = ["ASSET_DIR", "SEEING_TEXT", "SEEING_VISION", "SINGLE", "MULTI", "FRAME_CHOICES", "build_untrained",
-           "Probes", "vision_probe_loss", "sample_items", "answer_loss", "probe_loss", "motion_loss", "closed_set_accuracy", "pretrain",
-           "load_seeing_base", "main"]
+           "Probes", "vision_probe_loss", "sample_items", "answer_loss", "probe_loss", "motion_loss",
+           "closed_set_accuracy", "pretrain", "load_seeing_base", "main"]
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_seeing"
 
@@ -113,7 +113,8 @@ class Probes(torch.nn.Module):
     Scaffolding for :func:`pretrain` only (not part of the model, not saved): ``colour``,
     ``shape``, ``count`` are classes of the frame, ``position`` regresses the object's
     place along its travel in [-1, 1] (x for left/right, y for up/down), ``direction``
-    classifies a segment from its first and last frames' tokens side by side.
+    classifies a segment from its first and last frames' tokens side by side, and
+    ``motion`` reads the direction from one text-model state (:func:`motion_loss`).
     """
 
     def __init__(self, tokens_per_frame: int, hidden: int):
@@ -124,7 +125,6 @@ class Probes(torch.nn.Module):
         self.count = torch.nn.Linear(d, len(syn.COUNTS))
         self.position = torch.nn.Linear(d, 2)
         self.direction = torch.nn.Linear(2 * d, len(syn.DIRECTIONS))
-        # on the text model's states over a segment's later frames: the direction so far
         self.motion = torch.nn.Linear(hidden, len(syn.DIRECTIONS))
 
     def frame_loss(self, feats: torch.Tensor, specs: list[syn.SegmentSpec]) -> torch.Tensor:
@@ -255,20 +255,26 @@ def _hidden(base, items, *, with_answers: bool, state_layer: int | None = None):
     return out.last_hidden_state, mask, labels, tokens, states
 
 
+def _segment_frames(items):
+    """``(spec, index of its first frame, frames)`` of every segment of ``items``, with frame
+    indices counted over all items in order (the order of :func:`_batch_inputs`' tokens)."""
+    off = 0
+    for frames, _, segs in items:
+        fps = frames.shape[0] // len(segs)
+        for sp in segs:
+            yield sp, off, fps
+            off += fps
+
+
 def motion_loss(probes: Probes, states: torch.Tensor, items) -> torch.Tensor | None:
     """Cross-entropy of a segment's direction read by ``probes.motion`` from the text
     model's state at *every* image token of the segment's second and later frames (causal
     attention lets those positions see the earlier frames), so the motion is spread over
     the video's states rather than left to a few positions."""
     sel, dirs = [], []
-    off = 0
-    for frames, _, segs in items:
-        fps = frames.shape[0] // len(segs)
-        for sp in segs:
-            for j in range(1, fps):
-                sel.append(off + j)
-                dirs.append(syn.DIRECTIONS.index(sp.direction))
-            off += fps
+    for sp, first, fps in _segment_frames(items):
+        sel += range(first + 1, first + fps)
+        dirs += [syn.DIRECTIONS.index(sp.direction)] * (fps - 1)
     if not dirs:
         return None
     x = states[sel]  # [frames, tokens_per_frame, H]
@@ -280,16 +286,12 @@ def probe_loss(probes: Probes, tokens: torch.Tensor, items) -> torch.Tensor:
     """Stage 2's auxiliary term: the probes on every frame of ``items`` (visual tokens
     ``tokens`` in item order) and the direction of every segment of more than one frame."""
     specs, first, last, dirs = [], [], [], []
-    off = 0
-    for frames, _, segs in items:
-        fps = frames.shape[0] // len(segs)
-        for sp in segs:
-            specs += [sp] * fps
-            if fps > 1:
-                first.append(off)
-                last.append(off + fps - 1)
-                dirs.append(syn.DIRECTIONS.index(sp.direction))
-            off += fps
+    for sp, start, fps in _segment_frames(items):
+        specs += [sp] * fps
+        if fps > 1:
+            first.append(start)
+            last.append(start + fps - 1)
+            dirs.append(syn.DIRECTIONS.index(sp.direction))
     loss = probes.frame_loss(tokens, specs)
     if dirs:
         flat = tokens.reshape(tokens.shape[0], -1)
