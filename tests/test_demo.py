@@ -85,12 +85,24 @@ def test_grouped_source_is_pure_in_step():
     from f2l.train import Example
 
     groups = [[Example((f"v{i}",), f"q{j}", "a") for j in range(3)] for i in range(5)]
-    src = demo._GroupedSource(groups, per_video=2, seed=4)
+    src = demo._GroupedSource([(groups, 1.0)], per_video=2, seed=4)
     a, b = src.global_batch(7, 8), src.global_batch(7, 8)
     assert a == b and len(a) == 8
     assert all(a[i].videos == a[i + 1].videos for i in range(0, 8, 2))
     with pytest.raises(ValueError, match="per_video"):
         src.global_batch(0, 7)
+    with pytest.raises(ValueError, match="pools"):
+        demo._GroupedSource([(groups, 0.0), ([], 1.0)], per_video=2, seed=4)
+
+
+def test_grouped_source_draws_pools_by_weight():
+    from f2l.train import Example
+
+    few = [[Example(("few",), "q", "a")]]  # one group, weighted up
+    many = [[Example((f"m{i}",), "q", "a")] for i in range(50)]
+    src = demo._GroupedSource([(many, 0.25), (few, 0.75)], per_video=1, seed=0)
+    got = [e.videos[0] == "few" for step in range(40) for e in src.global_batch(step, 20)]
+    assert abs(np.mean(got) - 0.75) < 0.06  # 800 draws: one standard deviation is 0.015
 
 
 def test_demo_arguments_and_validation(tmp_path):
@@ -144,6 +156,65 @@ def test_probe_loss_reads_every_frame_and_each_segment_direction():
         probes.frame_loss(tokens.detach(), [sp for f, _, segs in items for sp in segs for _ in range(2)]))
 
 
+def test_order_loss_labels_every_token_with_its_segment():
+    base = pt.build_untrained(3)
+    probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
+    items = pt.sample_items(np.random.default_rng(9), 3, 2, multi_prob=1.0)  # 2-3 segments of 2 frames
+    n_frames = sum(f.shape[0] for f, _, _ in items)
+    states = torch.randn(n_frames, base.tokens_per_frame, base.hidden_size, requires_grad=True)
+    pt.order_loss(probes, states, items).backward()
+    assert bool((states.grad.abs().sum(2) > 0).all())  # every token of every frame
+    # states that carry the segment index one-hot, read by an identity head: loss ~0
+    idx = [j for _, _, segs in items for j in range(len(segs)) for _ in range(2)]
+    exact = torch.zeros(n_frames, base.tokens_per_frame, base.hidden_size)
+    exact[torch.arange(n_frames), :, torch.tensor(idx)] = 1.0
+    with torch.no_grad():
+        probes.order.weight.copy_(torch.eye(len(syn.SHAPES), base.hidden_size) * 50)
+        probes.order.bias.zero_()
+    assert float(pt.order_loss(probes, exact, items).detach()) < 1e-6
+    exact_wrong = exact.roll(1, dims=2)
+    assert float(pt.order_loss(probes, exact_wrong, items).detach()) > 10
+
+
+def test_state_loss_reads_every_frame_of_the_text_states():
+    base = pt.build_untrained(3)
+    probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
+    items = pt.sample_items(np.random.default_rng(9), 3, 3, multi_prob=1.0)  # 2-3 segments of 3 frames
+    n_frames = sum(f.shape[0] for f, _, _ in items)
+    states = torch.randn(n_frames, base.tokens_per_frame, base.hidden_size, requires_grad=True)
+    pt.state_loss(probes, states, items).backward()
+    assert bool((states.grad.abs().sum(2) > 0).all())  # every token of every frame
+    specs = [sp for _, _, segs in items for sp in segs for _ in range(3)]
+    nc, ns = len(syn.COLOURS), len(syn.SHAPES)
+    exact = torch.zeros(n_frames, base.tokens_per_frame, base.hidden_size)
+    for i, sp in enumerate(specs):  # states that carry the frame's answers one-hot
+        exact[i, :, list(syn.COLOURS).index(sp.colour)] = 1
+        exact[i, :, nc + syn.SHAPES.index(sp.shape)] = 1
+        exact[i, :, nc + ns + sp.count - 1] = 1
+    with torch.no_grad():  # read by an identity head
+        probes.state.weight.copy_(torch.eye(probes.state.out_features, base.hidden_size) * 50)
+        probes.state.bias.zero_()
+    assert float(pt.state_loss(probes, exact, items).detach()) < 1e-6
+    # answer_loss adds the order and state terms only with a weight
+    items1 = pt.sample_items(np.random.default_rng(10), 2, 2, multi_prob=0.0)
+    a = float(pt.answer_loss(base, items1, probes).detach())
+    assert float(pt.answer_loss(base, items1, probes, state_weight=1.0).detach()) > a
+    assert float(pt.answer_loss(base, items1, probes, order_weight=1.0).detach()) > a
+
+
+def test_stage_3_from_a_stage_2_checkpoint_is_the_full_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(pt, "PROBE_WARMUP_STEPS", 2)
+    kw = dict(vision_steps=2, steps=4, eval_videos=6, progress=False)
+    s2 = pt.pretrain(tmp_path / "s2", long_steps=0, **kw)
+    full = pt.pretrain(tmp_path / "full", long_steps=2, **kw)
+    cont = pt.pretrain(tmp_path / "cont", long_steps=2, init=tmp_path / "s2", eval_videos=6, progress=False)
+    assert cont["init_fingerprint"] == s2["fingerprint"] != full["fingerprint"]
+    assert cont["fingerprint"] == full["fingerprint"]
+    assert pt.load_seeing_base(tmp_path / "cont").fingerprint == full["fingerprint"]
+    with pytest.raises(FileNotFoundError, match="init"):
+        pt.pretrain(tmp_path / "x", init=tmp_path / "missing", progress=False)
+
+
 def test_vision_stage_lowers_the_probe_loss():
     torch.manual_seed(0)
     base = pt.build_untrained(3)
@@ -167,6 +238,32 @@ def test_pretrain_rejects_bad_arguments(tmp_path):
         pt.pretrain(tmp_path, aux_weight=-0.5)
     with pytest.raises(ValueError, match="steps"):
         pt.pretrain(tmp_path, steps=0)
+    with pytest.raises(ValueError, match="long_steps"):
+        pt.pretrain(tmp_path, long_steps=-1)
+    with pytest.raises(ValueError, match="long_lr"):
+        pt.pretrain(tmp_path, long_lr=0.0)
+    with pytest.raises(ValueError, match="order_weight"):
+        pt.pretrain(tmp_path, order_weight=-1.0)
+    with pytest.raises(ValueError, match="state_weight"):
+        pt.pretrain(tmp_path, state_weight=float("nan"))
+
+
+def test_answer_stage_walks_its_frame_phases_in_order(monkeypatch):
+    seen = []
+
+    def fake_items(rng, n, frames, **kw):
+        seen.append(frames)
+        return real(rng, 4, 1)
+
+    real = pt.sample_items
+    monkeypatch.setattr(pt, "sample_items", fake_items)
+    base = pt.build_untrained(3)
+    probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
+    hist = pt.answer_stage(base, probes, 6, lr=1e-3, batch_size=4, aux_weight=0.3, motion_weight=0.0,
+                           rng=np.random.default_rng(0), phases=(((1, 1.0),), ((2, 0.5), (3, 0.5)), ((64, 1.0),)),
+                           progress=False)
+    assert seen[:2] == [1, 1] and set(seen[2:4]) <= {2, 3} and seen[4:] == [64, 64]
+    assert [h["frames"] for h in hist] == seen and all(math.isfinite(h["loss"]) for h in hist)
 
 
 def test_pretraining_lowers_the_answer_loss():

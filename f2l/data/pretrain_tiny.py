@@ -5,7 +5,7 @@ paper, in miniature.
     python -m f2l.data.pretrain_tiny                   # writes f2l/assets/tiny_seeing/
     python -m f2l.data.pretrain_tiny --out DIR --steps 4500 --seed 0
 
-What is trained, from a seeded random initialisation, in two stages:
+What is trained, from a seeded random initialisation, in three stages:
 
 1. **Vision** (``vision_steps``): the vision tower and connector alone, on single frames,
    through linear *probes* of a frame's visual tokens (colour, shape, count as classes,
@@ -26,17 +26,23 @@ What is trained, from a seeded random initialisation, in two stages:
    motion, and its adapters stay at chance on direction although the base is perfect in
    context (measured: 0.21 vs 1.00). A real SmolVLM2 gets no such probe; the tiny base is
    asked for motion directly.
+3. **Long videos** (``long_steps``): the same losses at a lower rate (``long_lr``) on
+   videos of 4 to 64 frames a segment. After stage 2 (at most 32 frames a segment) the
+   motion in the states of a 64-frame segment fades along it: a linear read-out fitted on
+   4-frame segments finds the direction at 0.99 of the states in the first quarter of a
+   64-frame segment and 0.54 in the last, and the adapters, which read those states, lost
+   a third of the direction questions at 64 frames while the base in context did not.
 
 Videos are fresh renders of :mod:`f2l.data.synthetic` every step (a seeded stream; the
 held-out evaluation uses a disjoint seed stream). Question kinds: ``colour``, ``shape``,
 ``direction``, ``count`` of one-segment videos, and for videos of 2-3 segments
 ``colour_of`` ("What colour is the circle?") and ``first_shape`` (which segment came
-first). Frame counts vary per step (1 to 4 frames a segment in the first half, 4 to 32 in
-the second), so the base reads longer videos in context too.
+first). Frame counts vary per step (1 to 4 frames a segment in the first half of stage 2,
+4 to 32 in the second, 4 to 64 in stage 3), so the base reads longer videos in context too.
 
 The architecture is the ``tiny`` preset's (48 px frames, 8 px patches, pixel shuffle 2:
-9 visual tokens a frame; 4 decoder layers) with the
-``tiny`` widths (text 64, vision 48). The result is a normal checkpoint directory (``config.json``, ``model.safetensors``,
+9 visual tokens a frame; 4 decoder layers) with the ``tiny`` widths (text 64, vision 48).
+The result is a normal checkpoint directory (``config.json``, ``model.safetensors``,
 tokenizer files, ``preprocessor_config.json``) that :func:`f2l.presets.load_base` reads,
 plus ``pretrain_report.json`` with the held-out in-context accuracy per kind.
 Everything is seeded: the same command gives the same weights on the same software stack.
@@ -58,8 +64,9 @@ from f2l.generate import pad_labelled
 from f2l.presets import TINY_TEXT, TINY_VISION
 
 __all__ = ["ASSET_DIR", "SEEING_TEXT", "SEEING_VISION", "SINGLE", "MULTI", "FRAME_CHOICES", "build_untrained",
-           "Probes", "vision_probe_loss", "sample_items", "answer_loss", "probe_loss", "motion_loss",
-           "closed_set_accuracy", "pretrain", "load_seeing_base", "main"]
+           "Probes", "vision_probe_loss", "sample_items", "answer_loss", "probe_loss", "motion_loss", "order_loss",
+           "state_loss",
+           "closed_set_accuracy", "answer_stage", "long_stage", "pretrain", "load_seeing_base", "main"]
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_seeing"
 
@@ -85,7 +92,13 @@ VISION_STEPS = 2500  # stage 1
 AUX_WEIGHT = 0.3
 MOTION_WEIGHT = 1.0
 MOTION_LAYER = 2  # the residual stream entering decoder layer 2 (after two layers)
-FRAME_CHOICES = (((1, 0.35), (2, 0.35), (4, 0.3)), ((4, 0.75), (8, 0.15), (16, 0.05), (32, 0.05)))
+ORDER_WEIGHT = 0.25  # stage 3's segment-index probe (same states as the motion probe)
+STATE_WEIGHT = 0.2  # stage 3's colour/shape/count probe (same states)
+PROBE_WARMUP_STEPS = 150  # stage 3 first fits its fresh probes to the frozen stage-2 model
+LONG_STEPS = 400  # stage 3
+LONG_LR = 1e-3
+FRAME_CHOICES = (((1, 0.35), (2, 0.35), (4, 0.3)), ((4, 0.75), (8, 0.15), (16, 0.05), (32, 0.05)),
+                 ((4, 0.45), (8, 0.15), (16, 0.15), (32, 0.15), (64, 0.1)))
 
 
 def build_untrained(seed: int = 0):
@@ -113,8 +126,11 @@ class Probes(torch.nn.Module):
     Scaffolding for :func:`pretrain` only (not part of the model, not saved): ``colour``,
     ``shape``, ``count`` are classes of the frame, ``position`` regresses the object's
     place along its travel in [-1, 1] (x for left/right, y for up/down), ``direction``
-    classifies a segment from its first and last frames' tokens side by side, and
-    ``motion`` reads the direction from one text-model state (:func:`motion_loss`).
+    classifies a segment from its first and last frames' tokens side by side,
+    ``motion`` reads the direction from one text-model state (:func:`motion_loss`),
+    ``order`` which segment of its video a state belongs to (:func:`order_loss`), and
+    ``state`` the colour, shape and count of the frame a state belongs to
+    (:func:`state_loss`).
     """
 
     def __init__(self, tokens_per_frame: int, hidden: int):
@@ -126,6 +142,9 @@ class Probes(torch.nn.Module):
         self.position = torch.nn.Linear(d, 2)
         self.direction = torch.nn.Linear(2 * d, len(syn.DIRECTIONS))
         self.motion = torch.nn.Linear(hidden, len(syn.DIRECTIONS))
+        # created last: the heads above draw the initial values they drew before these existed
+        self.order = torch.nn.Linear(hidden, len(syn.SHAPES))  # at most one segment a shape
+        self.state = torch.nn.Linear(hidden, len(syn.COLOURS) + len(syn.SHAPES) + len(syn.COUNTS))
 
     def frame_loss(self, feats: torch.Tensor, specs: list[syn.SegmentSpec]) -> torch.Tensor:
         """Sum of the class losses of frames ``feats [n, T, H]`` showing ``specs[i]``."""
@@ -256,13 +275,14 @@ def _hidden(base, items, *, with_answers: bool, state_layer: int | None = None):
 
 
 def _segment_frames(items):
-    """``(spec, index of its first frame, frames)`` of every segment of ``items``, with frame
-    indices counted over all items in order (the order of :func:`_batch_inputs`' tokens)."""
+    """``(spec, index of its first frame, frames, index of the segment in its video)`` of
+    every segment of ``items``, with frame indices counted over all items in order (the
+    order of :func:`_batch_inputs`' tokens)."""
     off = 0
     for frames, _, segs in items:
         fps = frames.shape[0] // len(segs)
-        for sp in segs:
-            yield sp, off, fps
+        for j, sp in enumerate(segs):
+            yield sp, off, fps, j
             off += fps
 
 
@@ -272,7 +292,7 @@ def motion_loss(probes: Probes, states: torch.Tensor, items) -> torch.Tensor | N
     attention lets those positions see the earlier frames), so the motion is spread over
     the video's states rather than left to a few positions."""
     sel, dirs = [], []
-    for sp, first, fps in _segment_frames(items):
+    for sp, first, fps, _ in _segment_frames(items):
         sel += range(first + 1, first + fps)
         dirs += [syn.DIRECTIONS.index(sp.direction)] * (fps - 1)
     if not dirs:
@@ -282,11 +302,37 @@ def motion_loss(probes: Probes, states: torch.Tensor, items) -> torch.Tensor | N
     return torch.nn.functional.cross_entropy(probes.motion(x.reshape(-1, x.shape[-1])), y)
 
 
+def order_loss(probes: Probes, states: torch.Tensor, items) -> torch.Tensor:
+    """Cross-entropy of the index of the segment (0, 1, 2 in its video) read by
+    ``probes.order`` from the text model's state at every image token. Causal attention
+    lets a token see whether the video changed before it; the probe asks the states to
+    keep that, so which segment came first can be read from the video's states alone
+    (the hypernetwork has no positions to go by)."""
+    idx = [j for _, _, fps, j in _segment_frames(items) for _ in range(fps)]
+    y = torch.tensor(idx, device=states.device).repeat_interleave(states.shape[1])
+    return torch.nn.functional.cross_entropy(probes.order(states.reshape(-1, states.shape[-1])), y)
+
+
+def state_loss(probes: Probes, states: torch.Tensor, items) -> torch.Tensor:
+    """Sum of the cross-entropies of the colour, shape and count of a token's frame, read by
+    ``probes.state`` from the text model's state at every image token: what a frame shows
+    stays bound to that frame's states however far into a long video it is (the
+    hypernetwork must find a named shape's colour in the states of its own segment)."""
+    specs = [sp for sp, _, fps, _ in _segment_frames(items) for _ in range(fps)]
+    x = probes.state(states.reshape(-1, states.shape[-1]))
+    y = lambda xs: torch.tensor(xs, device=states.device).repeat_interleave(states.shape[1])
+    nc, ns = len(syn.COLOURS), len(syn.SHAPES)
+    F = torch.nn.functional
+    return (F.cross_entropy(x[:, :nc], y([list(syn.COLOURS).index(sp.colour) for sp in specs]))
+            + F.cross_entropy(x[:, nc:nc + ns], y([syn.SHAPES.index(sp.shape) for sp in specs]))
+            + F.cross_entropy(x[:, nc + ns:], y([sp.count - 1 for sp in specs])))
+
+
 def probe_loss(probes: Probes, tokens: torch.Tensor, items) -> torch.Tensor:
     """Stage 2's auxiliary term: the probes on every frame of ``items`` (visual tokens
     ``tokens`` in item order) and the direction of every segment of more than one frame."""
     specs, first, last, dirs = [], [], [], []
-    for sp, start, fps in _segment_frames(items):
+    for sp, start, fps, _ in _segment_frames(items):
         specs += [sp] * fps
         if fps > 1:
             first.append(start)
@@ -301,13 +347,16 @@ def probe_loss(probes: Probes, tokens: torch.Tensor, items) -> torch.Tensor:
 
 
 def answer_loss(base, items, probes: Probes | None = None, aux_weight: float = 0.0,
-                motion_weight: float = 0.0) -> torch.Tensor:
+                motion_weight: float = 0.0, order_weight: float = 0.0, state_weight: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (the head runs on those positions only),
-    plus ``aux_weight`` times :func:`probe_loss` and ``motion_weight`` times
-    :func:`motion_loss` (at :data:`MOTION_LAYER`) when ``probes`` are given."""
+    plus ``aux_weight`` times :func:`probe_loss`, and ``motion_weight``, ``order_weight``,
+    ``state_weight`` times :func:`motion_loss`, :func:`order_loss`, :func:`state_loss` (all
+    on the states entering :data:`MOTION_LAYER`) when ``probes`` are given."""
     use_motion = probes is not None and bool(motion_weight)
+    use_order = probes is not None and bool(order_weight)
+    use_state = probes is not None and bool(state_weight)
     h, _, labels, tokens, states = _hidden(base, items, with_answers=True,
-                                           state_layer=MOTION_LAYER if use_motion else None)
+                                           state_layer=MOTION_LAYER if use_motion or use_order or use_state else None)
     tgt = labels[:, 1:]
     sel = tgt != -100
     logits = base.lm_head(h[:, :-1][sel]).float()
@@ -318,6 +367,10 @@ def answer_loss(base, items, probes: Probes | None = None, aux_weight: float = 0
         m = motion_loss(probes, states, items)
         if m is not None:
             loss = loss + motion_weight * m
+    if use_order:
+        loss = loss + order_weight * order_loss(probes, states, items)
+    if use_state:
+        loss = loss + state_weight * state_loss(probes, states, items)
     return loss
 
 
@@ -344,32 +397,75 @@ def closed_set_accuracy(base, items, *, batch: int = 64) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
-def _frames_schedule(rng: np.random.Generator, phase: int) -> int:
-    fs, ps = zip(*FRAME_CHOICES[phase])
-    return int(rng.choice(fs, p=np.array(ps) / sum(ps)))
-
-
-def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = STEPS, vision_steps: int = VISION_STEPS,
-             batch_size: int = 12, lr: float = 3e-3, aux_weight: float = AUX_WEIGHT,
-             motion_weight: float = MOTION_WEIGHT, seed: int = 0,
-             eval_videos: int = 140, progress: bool = True) -> dict:
-    """Train the base (stage 1: ``vision_steps`` of probes; stage 2: ``steps`` of answers),
-    evaluate it held out, write the checkpoint directory. Returns the report."""
-    from f2l.config import atomic_write_text
-    from f2l.presets import fingerprint, save_base
+def answer_stage(base, probes: Probes, steps: int, *, lr: float, batch_size: int, aux_weight: float,
+                 motion_weight: float, rng: np.random.Generator, phases, order_weight: float = 0.0,
+                 state_weight: float = 0.0, min_videos: int = 4, desc: str = "pretrain",
+                 progress: bool = True) -> list[dict]:
+    """``steps`` of :func:`answer_loss` on the whole model and the probes (fresh AdamW, cosine
+    schedule from ``lr``); the frame counts of a step come from ``phases`` (lists of
+    ``(frames per segment, probability)``, each an equal share of the steps, in order). A
+    step has ``batch_size * 4 / frames`` videos, at least ``min_videos``, at most twice
+    ``batch_size``: roughly the same number of tokens whatever the frame count. Parameters
+    of the model with ``requires_grad`` off stay as they are."""
     from f2l.train import cosine_schedule
 
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("eval_videos", eval_videos)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    if isinstance(vision_steps, bool) or not isinstance(vision_steps, int) or vision_steps < 0:
-        raise ValueError(f"vision_steps: expected an int >= 0, got {vision_steps!r}")
-    for name, v in (("aux_weight", aux_weight), ("motion_weight", motion_weight)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-    t0 = time.perf_counter()
+    params = [p for p in base.model.parameters() if p.requires_grad] + list(probes.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, max(1, steps // 30), 0.05))
+    history = []
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    ema = None
+    for step in bar:
+        phase = max(k for k in range(len(phases)) if step >= k * steps // len(phases))
+        fs, ps = zip(*phases[phase])
+        frames = int(rng.choice(fs, p=np.array(ps) / sum(ps)))
+        n = min(2 * batch_size, max(min_videos, batch_size * 4 // frames))
+        items = sample_items(rng, n, frames)
+        loss = answer_loss(base, items, probes, aux_weight, motion_weight, order_weight, state_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        v = float(loss.detach())
+        ema = v if ema is None else 0.98 * ema + 0.02 * v
+        history.append({"step": step + 1, "loss": v, "frames": frames})
+        bar.set_postfix(loss=f"{ema:.3f}")
+    bar.close()
+    return history
+
+
+def long_stage(base, steps: int, *, lr: float, batch_size: int, aux_weight: float, motion_weight: float,
+               order_weight: float, state_weight: float, seed: int, progress: bool = True) -> list[dict]:
+    """Stage 3 on a stage-2 model: fresh seeded probes, fitted to the frozen model for
+    :data:`PROBE_WARMUP_STEPS`, then ``steps`` of :func:`answer_stage` on everything with the
+    order and state probes added, on videos of 4 to 64 frames a segment. A function of the stage-2
+    weights and ``seed`` alone, so ``pretrain(init=...)`` from a saved stage-2 checkpoint
+    gives what the full run gives."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 0x10E6)
+        probes = Probes(base.tokens_per_frame, base.hidden_size).to(base.device)
+    params = list(base.model.parameters())
+    for p in params:
+        p.requires_grad_(False)
+    answer_stage(base, probes, PROBE_WARMUP_STEPS, lr=3e-3, batch_size=batch_size, aux_weight=aux_weight,
+                 motion_weight=motion_weight, order_weight=order_weight, state_weight=state_weight,
+                 rng=np.random.default_rng([seed, 0x1047]),
+                 phases=FRAME_CHOICES[1:2], desc="pretrain long (probes)", progress=progress)
+    for p in params:
+        p.requires_grad_(True)
+    return answer_stage(base, probes, steps, lr=lr, batch_size=batch_size, aux_weight=aux_weight,
+                        motion_weight=motion_weight, order_weight=order_weight, state_weight=state_weight,
+                        rng=np.random.default_rng([seed, 0x1046]), phases=FRAME_CHOICES[2:], min_videos=2,
+                        desc="pretrain long", progress=progress)
+
+
+def _stages_1_2(seed: int, *, vision_steps: int, steps: int, lr: float, batch_size: int, aux_weight: float,
+                motion_weight: float, progress: bool):
+    """Stages 1 and 2 from the seeded random initialisation: ``(base, vision losses, history)``."""
     torch.manual_seed(seed)
     base = build_untrained(seed)
     model = base.model
@@ -392,32 +488,61 @@ def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = STEPS, visi
     bar.close()
     del vopt
     # stage 2: everything on answers, the probes kept as an auxiliary term
-    params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, max(1, steps // 30), 0.05))
-    rng = np.random.default_rng([seed, 0x7E11])
-    history = []
-    bar = tqdm(range(steps), desc="pretrain base", unit="step", disable=not progress)
-    ema = None
-    for step in bar:
-        frames = _frames_schedule(rng, int(step >= steps // 2))
-        # Keep a step's token count roughly constant: long videos come in smaller batches.
-        n = min(2 * batch_size, max(4, batch_size * 4 // frames))
-        items = sample_items(rng, n, frames)
-        loss = answer_loss(base, items, probes, aux_weight, motion_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        v = float(loss.detach())
-        ema = v if ema is None else 0.98 * ema + 0.02 * v
-        history.append({"step": step + 1, "loss": v, "frames": frames})
-        bar.set_postfix(loss=f"{ema:.3f}")
-    bar.close()
+    history = answer_stage(base, probes, steps, lr=lr, batch_size=batch_size, aux_weight=aux_weight,
+                           motion_weight=motion_weight, rng=np.random.default_rng([seed, 0x7E11]),
+                           phases=FRAME_CHOICES[:2], desc="pretrain base", progress=progress)
+    return base, vision_history, history
+
+
+def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = STEPS, vision_steps: int = VISION_STEPS,
+             long_steps: int = LONG_STEPS, batch_size: int = 12, lr: float = 3e-3, long_lr: float = LONG_LR,
+             aux_weight: float = AUX_WEIGHT, motion_weight: float = MOTION_WEIGHT,
+             order_weight: float = ORDER_WEIGHT, state_weight: float = STATE_WEIGHT, seed: int = 0,
+             eval_videos: int = 140,
+             init: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Train the base (stage 1: ``vision_steps`` of probes; stage 2: ``steps`` of answers;
+    stage 3: ``long_steps`` of answers on longer videos, :func:`long_stage`), evaluate it held
+    out, write the checkpoint directory. Returns the report. ``init``: a stage-2 checkpoint
+    directory (written with ``long_steps=0``) to run stage 3 on instead of stages 1-2."""
+    from f2l.config import atomic_write_text
+    from f2l.presets import fingerprint, save_base
+
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("eval_videos", eval_videos)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    for name, v in (("vision_steps", vision_steps), ("long_steps", long_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    for name, v in (("lr", lr), ("long_lr", long_lr)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError(f"{name}: expected a number > 0, got {v!r}")
+    for name, v in (("aux_weight", aux_weight), ("motion_weight", motion_weight), ("order_weight", order_weight),
+                    ("state_weight", state_weight)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    t0 = time.perf_counter()
+    if init is None:
+        base, vision_history, history = _stages_1_2(seed, vision_steps=vision_steps, steps=steps, lr=lr,
+                                                    batch_size=batch_size, aux_weight=aux_weight,
+                                                    motion_weight=motion_weight, progress=progress)
+        init_fingerprint = None
+    else:  # a stage-2 checkpoint (this function's own output with long_steps=0)
+        if not (Path(init) / "config.json").is_file():
+            raise FileNotFoundError(f"init: no checkpoint directory at {str(init)!r}")
+        base = load_seeing_base(init)
+        for k in ("is_local", "local_files_only"):  # loading notes, not the tokenizer's settings
+            base.tokenizer.init_kwargs.pop(k, None)
+        vision_history, history, init_fingerprint = [], [], base.fingerprint
+    model = base.model
+    model.train()
+    # stage 3: longer videos (up to 64 frames a segment) at a lower rate, so the states the
+    # hypernetwork reads keep the motion on videos far longer than the demo's 4 frames
+    long_history = long_stage(base, long_steps, lr=long_lr, batch_size=batch_size, aux_weight=aux_weight,
+                              motion_weight=motion_weight, order_weight=order_weight,
+                              state_weight=state_weight, seed=seed,
+                              progress=progress) if long_steps else []
     train_s = time.perf_counter() - t0
     model.eval()
     for p in model.parameters():
@@ -425,9 +550,9 @@ def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = STEPS, visi
     # Held-out: a disjoint seed stream; every kind at the training frame count 4 and longer.
     report_acc = {}
     erng = np.random.default_rng([seed, 0xE7A1, 1])
-    for frames in (4, 16):
+    for frames in (4, 16, 64):
         items = _eval_items(erng, eval_videos, frames)
-        report_acc[str(frames)] = closed_set_accuracy(base, items, batch=32 if frames <= 4 else 8)
+        report_acc[str(frames)] = closed_set_accuracy(base, items, batch={4: 32, 16: 8}.get(frames, 2))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base.model.config.use_cache = True
@@ -436,11 +561,15 @@ def pretrain(out_dir: str | os.PathLike = ASSET_DIR, *, steps: int = STEPS, visi
         "what": "tiny-seeing base: in-context accuracy on held-out synthetic videos (closed-set argmax)",
         "accuracy_by_frames_per_segment": report_acc,
         "chance": {k: 1.0 / len(syn.answer_choices(k)) for k in SINGLE + MULTI},
-        "steps": steps, "vision_steps": vision_steps, "aux_weight": aux_weight, "motion_weight": motion_weight,
+        "steps": steps, "vision_steps": vision_steps, "long_steps": long_steps, "long_lr": long_lr,
+        "aux_weight": aux_weight, "motion_weight": motion_weight, "order_weight": order_weight,
+        "state_weight": state_weight, "probe_warmup_steps": PROBE_WARMUP_STEPS, "init_fingerprint": init_fingerprint,
         "motion_layer": MOTION_LAYER, "multi": MULTI, "multi_weights": MULTI_WEIGHTS,
         "batch_size": batch_size, "lr": lr, "seed": seed, "train_time_s": train_s,
         "final_vision_probe_loss_mean_last_100": float(np.mean(vision_history[-100:])) if vision_history else None,
-        "final_loss_mean_last_100": float(np.mean([h["loss"] for h in history[-100:]])),
+        "final_loss_mean_last_100": float(np.mean([h["loss"] for h in history[-100:]])) if history else None,
+        "final_long_loss_mean_last_100": (float(np.mean([h["loss"] for h in long_history[-100:]]))
+                                          if long_history else None),
         "fingerprint": fingerprint(base.model),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "text_config": SEEING_TEXT, "vision_config": SEEING_VISION, "frame_choices": FRAME_CHOICES,
@@ -485,10 +614,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=STEPS, help="stage 2 (answers) steps (default: %(default)s)")
     p.add_argument("--vision-steps", type=int, default=VISION_STEPS,
                    help="stage 1 (vision probes) steps (default: %(default)s)")
+    p.add_argument("--long-steps", type=int, default=LONG_STEPS,
+                   help="stage 3 (answers on videos of up to 64 frames a segment) steps (default: %(default)s)")
+    p.add_argument("--long-lr", type=float, default=LONG_LR, help="stage 3 learning rate (default: %(default)s)")
     p.add_argument("--aux-weight", type=float, default=AUX_WEIGHT,
                    help="weight of the probes' loss in stage 2 (default: %(default)s)")
     p.add_argument("--motion-weight", type=float, default=MOTION_WEIGHT,
                    help="weight of the direction probe on the text model's states (default: %(default)s)")
+    p.add_argument("--order-weight", type=float, default=ORDER_WEIGHT,
+                   help="stage 3 weight of the segment-index probe on the text model's states (default: %(default)s)")
+    p.add_argument("--state-weight", type=float, default=STATE_WEIGHT,
+                   help="stage 3 weight of the colour/shape/count probe on the text model's states "
+                        "(default: %(default)s)")
+    p.add_argument("--init", default=None,
+                   help="a stage-2 checkpoint (written with --long-steps 0): run stage 3 on it instead of stages 1-2")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -498,9 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    r = pretrain(a.out, steps=a.steps, vision_steps=a.vision_steps, batch_size=a.batch_size, lr=a.lr,
-                 aux_weight=a.aux_weight, motion_weight=a.motion_weight, seed=a.seed,
-                 eval_videos=a.eval_videos)
+    r = pretrain(a.out, steps=a.steps, vision_steps=a.vision_steps, long_steps=a.long_steps, long_lr=a.long_lr,
+                 batch_size=a.batch_size, lr=a.lr,
+                 aux_weight=a.aux_weight, motion_weight=a.motion_weight, order_weight=a.order_weight,
+                 state_weight=a.state_weight, seed=a.seed, eval_videos=a.eval_videos, init=a.init)
     print(json.dumps({"accuracy_by_frames_per_segment": r["accuracy_by_frames_per_segment"],
                       "train_time_s": round(r["train_time_s"], 1)}, indent=2))
     return 0
