@@ -70,21 +70,26 @@ class DemoSettings:
 
     frames: int = 4  # N: frames a segment, for training and the base evaluation
     train_segments: int = 432  # one-segment train videos (3 per attribute combination)
-    train_multi: int = 96  # 2-3 segment train videos (order question, one adapter each)
+    train_multi: int = 192  # 2-3 segment train videos (order question, one adapter each)
     train_joins: int = 192  # joins of 2-3 train segments (composition stage)
-    # Held-out sets large enough that a single miss cannot fail non-inferiority at 0.05
-    # (with 48 rows, one discordant answer puts the 95% CI's lower end at -0.06).
+    # Held-out sets large enough that a miss or two cannot fail non-inferiority at 0.05
+    # (with 48 rows, one discordant answer puts the 95% CI's lower end at -0.06; with 96,
+    # two put it at -0.05).
     test_segments: int = 144
-    test_multi: int = 96
+    test_multi: int = 192
     test_joins: int = 96
     sweep: tuple[int, ...] = (1, 4, 16)  # multiples of ``frames``
-    sweep_segments: int = 16
+    sweep_segments: int = 32  # 128 questions a frame count: one miss moves the accuracy by 0.008
     # The compose stage (single-segment groups plus joins) does most of the work on
     # composition; measured on the shipped base, composed colour_of: 0.58 after 400 + 400
     # steps at lr 2e-3, 0.66-0.78 after 300 + 600 at lr 1e-3, 0.91 after 300 + 1000 at
     # lr 1e-3 and 0.96 at lr 1.5e-3.
     single_steps: int = 300
     compose_steps: int = 1000
+    # Share of a step's videos drawn from (one-segment videos, multi-segment videos) in the
+    # single stage and (one-segment, multi-segment, joins) in the compose stage.
+    single_mix: tuple[float, ...] = (0.75, 0.25)
+    compose_mix: tuple[float, ...] = (0.3, 0.2, 0.5)
     videos_per_step: int = 8
     questions_per_video: int = 4
     lr: float = 1.5e-3
@@ -206,14 +211,21 @@ class _GroupedSource:
     """Global batches of ``n / per_video`` videos with ``per_video`` of their questions each.
 
     Every adapter the hypernetwork makes in a step is supervised by several questions,
-    which keeps a step cheap (the cost is per video, not per question). Pure in
-    ``(seed, step)``, so a resumed run replays the same batches.
+    which keeps a step cheap (the cost is per video, not per question). ``pools`` are
+    ``(groups, weight)`` pairs: each video of a batch comes from a pool drawn with those
+    weights, then uniformly from its groups -- so a stage sets how much of it goes to
+    multi-segment and composed videos independently of how many of each there are. Pure
+    in ``(seed, step)``, so a resumed run replays the same batches.
     """
 
-    def __init__(self, groups: list[list[Example]], *, per_video: int, seed: int):
-        self.groups = [g for g in groups if g]
-        if not self.groups:
-            raise ValueError("groups: expected at least one non-empty group of examples")
+    def __init__(self, pools, *, per_video: int, seed: int):
+        pools = [([g for g in groups if g], float(w)) for groups, w in pools]
+        pools = [(g, w) for g, w in pools if g and w > 0]
+        if not pools:
+            raise ValueError("pools: expected at least one pool with a non-empty group and a weight > 0")
+        self.pools = [g for g, _ in pools]
+        w = np.array([w for _, w in pools])
+        self.weights = w / w.sum()
         self.per_video, self.seed = per_video, seed
 
     def global_batch(self, step: int, n: int) -> list[Example]:
@@ -221,8 +233,9 @@ class _GroupedSource:
             raise ValueError(f"n: expected a multiple of per_video={self.per_video}, got {n}")
         rng = np.random.default_rng([self.seed, 0xC0, step])
         out = []
-        for gi in rng.integers(len(self.groups), size=n // self.per_video):
-            g = self.groups[int(gi)]
+        for pi in rng.choice(len(self.pools), size=n // self.per_video, p=self.weights):
+            pool = self.pools[int(pi)]
+            g = pool[int(rng.integers(len(pool)))]
             pick = [int(i) for i in rng.permutation(len(g))[:self.per_video]]
             pick += [int(i) for i in rng.integers(len(g), size=self.per_video - len(pick))]
             out += [g[i] for i in pick]
@@ -527,15 +540,18 @@ def run_demo(out_dir: str = "f2l_demo_out", *, quick: bool = False, seed: int = 
     groups: dict[tuple, list[Example]] = {}
     for r in train.rows:
         groups.setdefault(r.keys, []).append(Example(r.keys, r.question, targets[r.id]))
-    single = [g for k, g in groups.items() if len(k) == 1]
+    segments = [g for k, g in groups.items() if len(k) == 1 and "/multi" not in k[0]]
+    multi = [g for k, g in groups.items() if len(k) == 1 and "/multi" in k[0]]
     composed = [g for k, g in groups.items() if len(k) > 1]
     per = s.questions_per_video
     tcfg = TrainConfig(base=b.name, steps=s.single_steps, compose_steps=s.compose_steps,
                        batch_size=s.videos_per_step * per, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=0.0,
                        min_lr_ratio=0.05, clip_grad_norm=1.0, out_dir=out_dir, log_every=25, seed=seed,
                        progress=progress, kl_weight=s.kl_weight)
-    stages = [Stage("single", s.single_steps, _GroupedSource(single, per_video=per, seed=seed)),
-              Stage("compose", s.compose_steps, _GroupedSource(single + composed, per_video=per, seed=seed + 1))]
+    stages = [Stage("single", s.single_steps,
+                    _GroupedSource(zip((segments, multi), s.single_mix), per_video=per, seed=seed)),
+              Stage("compose", s.compose_steps,
+                    _GroupedSource(zip((segments, multi, composed), s.compose_mix), per_video=per, seed=seed + 1))]
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
@@ -651,7 +667,7 @@ def run_demo(out_dir: str = "f2l_demo_out", *, quick: bool = False, seed: int = 
         "teacher": {"rows": len(targets), "agreement_with_truth": agree, "max_new_tokens": 4},
         "train": {"single_steps": s.single_steps, "compose_steps": s.compose_steps, "steps": trainer.step,
                   "final_loss": history[-1]["loss"] if history else None,
-                  "examples": sum(len(g) for g in single + composed)},
+                  "examples": sum(len(g) for g in segments + multi + composed)},
         "held_out": {"rows": len(rows), "videos": len(whole)},
         "time_s": {"teacher": teacher_s, "train": train_s, "eval": eval_s, "total": time.perf_counter() - t_all},
         "device": str(dev), "torch_threads": torch.get_num_threads(), "quick": bool(quick),
