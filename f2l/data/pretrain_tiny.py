@@ -27,11 +27,18 @@ What is trained, from a seeded random initialisation, in three stages:
    context (measured: 0.21 vs 1.00). A real SmolVLM2 gets no such probe; the tiny base is
    asked for motion directly.
 3. **Long videos** (``long_steps``): the same losses at a lower rate (``long_lr``) on
-   videos of 4 to 64 frames a segment. After stage 2 (at most 32 frames a segment) the
-   motion in the states of a 64-frame segment fades along it: a linear read-out fitted on
-   4-frame segments finds the direction at 0.99 of the states in the first quarter of a
-   64-frame segment and 0.54 in the last, and the adapters, which read those states, lost
-   a third of the direction questions at 64 frames while the base in context did not.
+   videos of 4 to 64 frames a segment, with two more probes on the states entering
+   :data:`MOTION_LAYER`, both at every image token: ``order`` (the index of the token's
+   segment in its video, ``order_weight``) and ``state`` (the colour, shape and count of
+   its frame, ``state_weight``). Fresh seeded probes, first fitted to the frozen stage-2
+   model, so the stage depends on the stage-2 weights and the seed alone (``init``). Why:
+   after stage 2 (at most 32 frames a segment) the motion fades along a 64-frame
+   segment's states (a linear read-out fitted on 4-frame segments: 0.97-1.00 of the states
+   in its first half, 0.54-0.64 in its last quarter) and the adapters, which read those
+   states, lost a third of the 64-frame direction questions while the base in context did
+   not; and nothing put the order of the segments into the states, so the adapter of a
+   2-3 segment video took the second segment's shape for the first one's in 2-5 % of
+   "which shape came first" (the hypernetwork has no positions to go by).
 
 Videos are fresh renders of :mod:`f2l.data.synthetic` every step (a seeded stream; the
 held-out evaluation uses a disjoint seed stream). Question kinds: ``colour``, ``shape``,
@@ -46,6 +53,9 @@ The result is a normal checkpoint directory (``config.json``, ``model.safetensor
 tokenizer files, ``preprocessor_config.json``) that :func:`f2l.presets.load_base` reads,
 plus ``pretrain_report.json`` with the held-out in-context accuracy per kind.
 Everything is seeded: the same command gives the same weights on the same software stack.
+
+Length: one training recipe (the model, its probes and their losses, three stages, the
+held-out report) read top to bottom; its parts are used nowhere else.
 """
 from __future__ import annotations
 
