@@ -156,14 +156,21 @@ def test_probe_loss_reads_every_frame_and_each_segment_direction():
         probes.frame_loss(tokens.detach(), [sp for f, _, segs in items for sp in segs for _ in range(2)]))
 
 
-def test_order_loss_labels_every_token_with_its_segment():
+def _state_probe_case(loss_fn, frames: int):
+    """A fresh base and probes, 3 videos of 2-3 segments of ``frames`` frames, random text
+    states; checks that ``loss_fn`` supervises every token of every frame."""
     base = pt.build_untrained(3)
     probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
-    items = pt.sample_items(np.random.default_rng(9), 3, 2, multi_prob=1.0)  # 2-3 segments of 2 frames
+    items = pt.sample_items(np.random.default_rng(9), 3, frames, multi_prob=1.0)
     n_frames = sum(f.shape[0] for f, _, _ in items)
     states = torch.randn(n_frames, base.tokens_per_frame, base.hidden_size, requires_grad=True)
-    pt.order_loss(probes, states, items).backward()
-    assert bool((states.grad.abs().sum(2) > 0).all())  # every token of every frame
+    loss_fn(probes, states, items).backward()
+    assert bool((states.grad.abs().sum(2) > 0).all())
+    return base, probes, items, n_frames
+
+
+def test_order_loss_labels_every_token_with_its_segment():
+    base, probes, items, n_frames = _state_probe_case(pt.order_loss, 2)
     # states that carry the segment index one-hot, read by an identity head: loss ~0
     idx = [j for _, _, segs in items for j in range(len(segs)) for _ in range(2)]
     exact = torch.zeros(n_frames, base.tokens_per_frame, base.hidden_size)
@@ -177,13 +184,7 @@ def test_order_loss_labels_every_token_with_its_segment():
 
 
 def test_state_loss_reads_every_frame_of_the_text_states():
-    base = pt.build_untrained(3)
-    probes = pt.Probes(base.tokens_per_frame, base.hidden_size)
-    items = pt.sample_items(np.random.default_rng(9), 3, 3, multi_prob=1.0)  # 2-3 segments of 3 frames
-    n_frames = sum(f.shape[0] for f, _, _ in items)
-    states = torch.randn(n_frames, base.tokens_per_frame, base.hidden_size, requires_grad=True)
-    pt.state_loss(probes, states, items).backward()
-    assert bool((states.grad.abs().sum(2) > 0).all())  # every token of every frame
+    base, probes, items, n_frames = _state_probe_case(pt.state_loss, 3)
     specs = [sp for _, _, segs in items for sp in segs for _ in range(3)]
     nc, ns = len(syn.COLOURS), len(syn.SHAPES)
     exact = torch.zeros(n_frames, base.tokens_per_frame, base.hidden_size)
