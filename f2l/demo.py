@@ -483,6 +483,12 @@ def _check_args(out_dir, seed, settings):
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     if settings is not None and not isinstance(settings, DemoSettings):
         raise TypeError(f"settings: expected a DemoSettings, got {type(settings).__name__}")
+    if settings is not None:
+        for name, n in (("single_mix", 2), ("compose_mix", 3)):
+            mix = getattr(settings, name)
+            if (len(mix) != n or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in mix)
+                    or not sum(mix) > 0):
+                raise ValueError(f"settings.{name}: expected {n} weights >= 0 with a positive sum, got {mix!r}")
 
 
 def run_demo(out_dir: str = "f2l_demo_out", *, quick: bool = False, seed: int = 0, device=None,

@@ -1,6 +1,7 @@
 """`f2l demo` and the tiny-seeing base: the quick run produces the full report, plots and
 files; the shipped base loads, is the one its report describes, and sees."""
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -117,6 +118,9 @@ def test_demo_arguments_and_validation(tmp_path):
         demo.run_demo(str(tmp_path), settings={"steps": 1})
     with pytest.raises(FileNotFoundError, match="path"):
         demo.run_demo(str(tmp_path), quick=True, base=str(tmp_path / "missing"))
+    for bad in (dict(compose_mix=(0.5, 0.5)), dict(single_mix=(1.0, -0.1)), dict(compose_mix=(0, 0, 0))):
+        with pytest.raises(ValueError, match="mix"):
+            demo.run_demo(str(tmp_path), settings=dataclasses.replace(demo.DemoSettings.quick(), **bad))
 
 
 # --------------------------------------------------------------------------- the seeing base
