@@ -81,7 +81,7 @@ class DemoSettings:
     sweep: tuple[int, ...] = (1, 4, 16)  # multiples of ``frames``
     sweep_segments: int = 32  # 128 questions a frame count: one miss moves the accuracy by 0.008
     # The compose stage (single-segment groups plus joins) does most of the work on
-    # composition; measured on the shipped base, composed colour_of: 0.58 after 400 + 400
+    # composition; measured on the stage-2 base (078ba197), composed colour_of: 0.58 after 400 + 400
     # steps at lr 2e-3, 0.66-0.78 after 300 + 600 at lr 1e-3, 0.91 after 300 + 1000 at
     # lr 1e-3 and 0.96 at lr 1.5e-3.
     single_steps: int = 300

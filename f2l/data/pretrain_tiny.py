@@ -159,11 +159,17 @@ class Probes(torch.nn.Module):
     def frame_loss(self, feats: torch.Tensor, specs: list[syn.SegmentSpec]) -> torch.Tensor:
         """Sum of the class losses of frames ``feats [n, T, H]`` showing ``specs[i]``."""
         f = feats.reshape(feats.shape[0], -1)
-        y = lambda xs: torch.tensor(xs, device=f.device)
-        F = torch.nn.functional
-        return (F.cross_entropy(self.colour(f), y([list(syn.COLOURS).index(sp.colour) for sp in specs]))
-                + F.cross_entropy(self.shape(f), y([syn.SHAPES.index(sp.shape) for sp in specs]))
-                + F.cross_entropy(self.count(f), y([sp.count - 1 for sp in specs])))
+        return _attribute_loss((self.colour(f), self.shape(f), self.count(f)), specs)
+
+
+def _attribute_loss(logits, specs: list[syn.SegmentSpec], repeat: int = 1) -> torch.Tensor:
+    """Sum of the cross-entropies of ``(colour, shape, count)`` logits against ``specs``,
+    each spec labelling ``repeat`` consecutive rows."""
+    y = lambda xs: torch.tensor(xs, device=logits[0].device).repeat_interleave(repeat)
+    F = torch.nn.functional
+    return (F.cross_entropy(logits[0], y([list(syn.COLOURS).index(sp.colour) for sp in specs]))
+            + F.cross_entropy(logits[1], y([syn.SHAPES.index(sp.shape) for sp in specs]))
+            + F.cross_entropy(logits[2], y([sp.count - 1 for sp in specs])))
 
 
 def _position(spec: syn.SegmentSpec, frame: int, frames: int) -> tuple[float, float]:
@@ -330,12 +336,8 @@ def state_loss(probes: Probes, states: torch.Tensor, items) -> torch.Tensor:
     hypernetwork must find a named shape's colour in the states of its own segment)."""
     specs = [sp for sp, _, fps, _ in _segment_frames(items) for _ in range(fps)]
     x = probes.state(states.reshape(-1, states.shape[-1]))
-    y = lambda xs: torch.tensor(xs, device=states.device).repeat_interleave(states.shape[1])
     nc, ns = len(syn.COLOURS), len(syn.SHAPES)
-    F = torch.nn.functional
-    return (F.cross_entropy(x[:, :nc], y([list(syn.COLOURS).index(sp.colour) for sp in specs]))
-            + F.cross_entropy(x[:, nc:nc + ns], y([syn.SHAPES.index(sp.shape) for sp in specs]))
-            + F.cross_entropy(x[:, nc + ns:], y([sp.count - 1 for sp in specs])))
+    return _attribute_loss((x[:, :nc], x[:, nc:nc + ns], x[:, nc + ns:]), specs, repeat=states.shape[1])
 
 
 def probe_loss(probes: Probes, tokens: torch.Tensor, items) -> torch.Tensor:
@@ -362,24 +364,22 @@ def answer_loss(base, items, probes: Probes | None = None, aux_weight: float = 0
     plus ``aux_weight`` times :func:`probe_loss`, and ``motion_weight``, ``order_weight``,
     ``state_weight`` times :func:`motion_loss`, :func:`order_loss`, :func:`state_loss` (all
     on the states entering :data:`MOTION_LAYER`) when ``probes`` are given."""
-    use_motion = probes is not None and bool(motion_weight)
-    use_order = probes is not None and bool(order_weight)
-    use_state = probes is not None and bool(state_weight)
+    on_states = probes is not None and bool(motion_weight or order_weight or state_weight)
     h, _, labels, tokens, states = _hidden(base, items, with_answers=True,
-                                           state_layer=MOTION_LAYER if use_motion or use_order or use_state else None)
+                                           state_layer=MOTION_LAYER if on_states else None)
     tgt = labels[:, 1:]
     sel = tgt != -100
     logits = base.lm_head(h[:, :-1][sel]).float()
     loss = torch.nn.functional.cross_entropy(logits, tgt[sel])
     if probes is not None and aux_weight:
         loss = loss + aux_weight * probe_loss(probes, tokens, items)
-    if use_motion:
+    if on_states and motion_weight:
         m = motion_loss(probes, states, items)
         if m is not None:
             loss = loss + motion_weight * m
-    if use_order:
+    if on_states and order_weight:
         loss = loss + order_weight * order_loss(probes, states, items)
-    if use_state:
+    if on_states and state_weight:
         loss = loss + state_weight * state_loss(probes, states, items)
     return loss
 
