@@ -71,7 +71,9 @@ class Trainer:
         # the module the forward runs through: DDP under torchrun, the hypernet itself otherwise
         self.net = _wrap_ddp(self.hypernet, self.device)
         self.params = [p for p in self.hypernet.parameters() if p.requires_grad]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
+        # the fused step (one kernel over all tensors) on CPU too: ~7x the per-tensor loop
+        # for a hypernetwork of many small tensors
+        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.hypernet, cfg.weight_decay), lr=cfg.lr,
                                            betas=cfg.betas, eps=cfg.eps, **fused)
         warm = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * self.total_steps))

@@ -8,8 +8,9 @@ weights ``w_ik``, effective ranks ``r_p``)::
 
 Everything is computed in fp32 and rounded once to the input dtype. The sequences are
 laid out as a padded ``[S, T_max, d]`` batch (a view when all lengths are equal) and
-each list slot is one pair of batched einsums over per-sequence copies of A and B --
-the straightforward approach the fused kernels are measured against. Plain torch
+a sequence's adapter list is one adapter in rank space: one pair of batched einsums over
+per-sequence copies of the listed A and B -- the straightforward approach the fused
+kernels are measured against. Plain torch
 autograd differentiates it.
 """
 from __future__ import annotations
@@ -51,23 +52,24 @@ def _padding(batch: LoraBatch, device):
 
 
 def _slots(batch: LoraBatch, device):
-    """Per list slot ``j``: (pool id [S] long, weight [S] fp32, present [S] bool)."""
+    """The adapter lists as ``[S, J]`` tables (J = the longest list): pool id (long),
+    weight (fp32), present (bool); and whether every slot is present (no ragged lists)."""
     key = ("ref_slots", str(device))
     v = batch._cache.get(key)
     if v is None:
         ptr, idx, wts = batch.adapter_ptr_host, batch.adapter_idx_host, batch.adapter_weight_host
-        v = []
-        for j in range(batch.max_adapters_per_seq):
-            pid, w, ok = [], [], []
-            for i in range(batch.num_seqs):
+        S, J = batch.num_seqs, batch.max_adapters_per_seq
+        pid, w, ok = [], [], []
+        for i in range(S):
+            for j in range(J):
                 k = ptr[i] + j
                 has = k < ptr[i + 1]
                 pid.append(idx[k] if has else 0)
                 w.append(wts[k] if has else 0.0)
                 ok.append(has)
-            v.append((torch.tensor(pid, dtype=torch.long).to(device),
-                      torch.tensor(w, dtype=torch.float32).to(device),
-                      torch.tensor(ok, dtype=torch.bool).to(device)))
+        v = (torch.tensor(pid, dtype=torch.long).view(S, J).to(device),
+             torch.tensor(w, dtype=torch.float32).view(S, J).to(device),
+             torch.tensor(ok, dtype=torch.bool).view(S, J).to(device), all(ok))
         batch._cache[key] = v
     return v
 
@@ -91,19 +93,21 @@ def lora_delta_ref(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
         xp = xc.view(S, T, d_in)
     else:
         xp = torch.cat([xc, xc.new_zeros(1, d_in)])[pad[0]]
-    ranks = batch.rank_vector(P, r_max).to(dev)
-    rmask = torch.arange(r_max, device=dev)[None, :] < ranks[:, None].long()  # [P, r_max]
     svec = scale_vector(scale, P, dev).to(compute_dtype)
     ac, bc = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
-    out = xp.new_zeros(S, T, d_out)
-    for pid, w, ok in _slots(batch, dev):
-        m = rmask[pid] & ok[:, None]  # [S, r]
-        a_s = torch.where(m[:, :, None], ac[pid], 0.0)  # [S, r, d_in]
-        b_s = torch.where(m[:, None, :], bc[pid], 0.0)  # [S, d_out, r]
-        coef = torch.where(ok, w.to(compute_dtype) * svec[pid], 0.0)  # [S]
-        h = torch.einsum("std,srd->str", xp, a_s) * coef[:, None, None]
-        out = out + torch.einsum("str,sor->sto", h, b_s)
-    out = out.reshape(S * T, d_out)
+    pid, w, ok, dense = _slots(batch, dev)  # [S, J]
+    a_s, b_s = ac[pid], bc[pid]  # [S, J, r, d_in], [S, J, d_out, r]
+    if not dense or batch.ranks is not None:
+        # ragged lists or ranks below r_max: zero the absent slots and the unused ranks
+        ranks = batch.rank_vector(P, r_max).to(dev)
+        rmask = torch.arange(r_max, device=dev)[None, :] < ranks[:, None].long()  # [P, r_max]
+        m = rmask[pid] & ok[..., None]  # [S, J, r]
+        a_s = torch.where(m[..., None], a_s, 0.0)
+        b_s = torch.where(m[:, :, None, :], b_s, 0.0)
+    coef = torch.where(ok, w.to(compute_dtype) * svec[pid], 0.0)  # [S, J]
+    # the list is one adapter in rank space (J·r ranks): one pair of batched GEMMs
+    h = torch.einsum("std,sjrd->stjr", xp, a_s) * coef[:, None, :, None]
+    out = torch.einsum("stjr,sjor->sto", h, b_s).reshape(S * T, d_out)
     return out if pad is None else out[pad[1]]
 
 

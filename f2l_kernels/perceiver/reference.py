@@ -8,6 +8,7 @@ autograd provides the gradients.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,10 +60,22 @@ def perceiver_attention_ref(
     bounds = [int(b) for b in cu_seqlens.tolist()]
     lens = [bounds[s + 1] - bounds[s] for s in range(S)]
     extra = 0 if latent_k is None else latent_k.shape[1]
-    if S > 1 and S * (max(lens) + extra) <= 4 * (bounds[-1] + S * extra):
-        # Many sequences of similar length (the CPU training case): one padded, masked SDPA
-        # instead of S small ones -- the same math, far fewer kernel launches.
-        return _padded(qf, k_all, v_all, lens, latent_k, latent_v, rep, scale).to(q.dtype)
+    if S > 1:
+        # Many sequences (the CPU training case): sorted by length into buckets that pad
+        # little, one masked SDPA a bucket instead of S small ones -- the same math, far
+        # fewer kernel launches, and a mixed batch does not pad to its longest sequence.
+        buckets = _length_buckets(lens, extra)
+        if len(buckets) < S:
+            pieces, order = [], []
+            for seqs in buckets:
+                pieces.append(_padded(qf, k_all, v_all, bounds, seqs, latent_k, latent_v, rep, scale))
+                order += seqs
+            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            if order != list(range(S)):
+                inv = torch.empty(S, dtype=torch.long)
+                inv[torch.tensor(order)] = torch.arange(S)
+                out = out.index_select(0, inv.to(q.device))
+            return out.to(q.dtype)
     outs = []
     for s in range(S):
         a, b = bounds[s], bounds[s + 1]
@@ -86,27 +99,54 @@ def perceiver_attention_ref(
     return torch.stack(outs, dim=0).to(q.dtype)
 
 
-def _padded(qf, k_all, v_all, lens, latent_k, latent_v, rep, scale):
-    """Masked SDPA over the sequences padded to the longest (latent keys after the pad)."""
-    S, M, H, Dh = qf.shape
+def _length_buckets(lens, extra, waste: float = 1.5):
+    """Sequence ids sorted by length, cut into runs whose padded keys stay within ``waste``
+    times their real keys (``extra`` latent keys each)."""
+    order = sorted(range(len(lens)), key=lambda i: lens[i])
+    buckets, cur, real = [], [], 0
+    for i in order:
+        n = lens[i] + extra
+        if cur and (len(cur) + 1) * n > waste * (real + n):
+            buckets.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _padded(qf, k_all, v_all, bounds, seqs, latent_k, latent_v, rep, scale):
+    """Masked SDPA over sequences ``seqs`` padded to their longest (latent keys after the pad)."""
+    Sb = len(seqs)
+    _, M, H, Dh = qf.shape
     Hkv = k_all.shape[1]
     dev = qf.device
+    lens = [bounds[s + 1] - bounds[s] for s in seqs]
     T = max(lens)
+    extra = 0 if latent_k is None else latent_k.shape[1]
+    contiguous = seqs == list(range(seqs[0], seqs[0] + Sb))
+    sel = torch.tensor(seqs, device=dev) if not contiguous else slice(seqs[0], seqs[0] + Sb)
+    q_b = qf[sel]
+    if T + extra == 0:  # no keys at all: zeros, as the contract defines
+        return q_b * 0.0
+    src = np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in seqs])
+    dst = np.concatenate([i * T + np.arange(n) for i, n in enumerate(lens)])
+    src_t, dst_t = torch.from_numpy(src).to(dev), torch.from_numpy(dst).to(dev)
+    k_rows = k_all if contiguous and len(seqs) == len(bounds) - 1 else k_all.index_select(0, src_t)
+    v_rows = v_all if contiguous and len(seqs) == len(bounds) - 1 else v_all.index_select(0, src_t)
+    k = k_all.new_zeros(Sb * T, Hkv, Dh).index_copy(0, dst_t, k_rows).view(Sb, T, Hkv, Dh)
+    v = v_all.new_zeros(Sb * T, Hkv, Dh).index_copy(0, dst_t, v_rows).view(Sb, T, Hkv, Dh)
     lens_t = torch.tensor(lens, device=dev)
-    sid = torch.repeat_interleave(torch.arange(S, device=dev), lens_t)           # [N]
-    starts = torch.cumsum(lens_t, 0) - lens_t
-    pos = torch.arange(sid.numel(), device=dev) - starts[sid]                    # [N]
-    k = k_all.new_zeros(S, T, Hkv, Dh).index_put((sid, pos), k_all)
-    v = v_all.new_zeros(S, T, Hkv, Dh).index_put((sid, pos), v_all)
-    valid = torch.arange(T, device=dev)[None, :] < lens_t[:, None]               # [S, T]
+    valid = torch.arange(T, device=dev)[None, :] < lens_t[:, None]               # [Sb, T]
     if latent_k is not None:
-        k = torch.cat([k, _up(latent_k)], dim=1)
-        v = torch.cat([v, _up(latent_v)], dim=1)
-        valid = torch.cat([valid, valid.new_ones(S, latent_k.shape[1])], dim=1)
-    kh = k.repeat_interleave(rep, dim=2).transpose(1, 2)                        # [S, H, T', Dh]
+        k = torch.cat([k, _up(latent_k[sel])], dim=1)
+        v = torch.cat([v, _up(latent_v[sel])], dim=1)
+        valid = torch.cat([valid, valid.new_ones(Sb, extra)], dim=1)
+    kh = k.repeat_interleave(rep, dim=2).transpose(1, 2)                        # [Sb, H, T', Dh]
     vh = v.repeat_interleave(rep, dim=2).transpose(1, 2)
-    qh = qf.transpose(1, 2)                                                      # [S, H, M, Dh]
-    has = valid.any(dim=1)                                                       # [S]
+    qh = q_b.transpose(1, 2)                                                     # [Sb, H, M, Dh]
+    has = valid.any(dim=1)                                                       # [Sb]
     # A sequence without keys would softmax over nothing (NaN): give it one dummy key and
     # zero its output, as the contract defines.
     mask = valid | ~has[:, None]
