@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from f2l.config import DEFAULT_INSTRUCTION, HYPERNET_PRESETS, F2LConfig, HypernetConfig
-from f2l.encode import EncodedVideos, encode_videos, multimodal_embeds, prompt_ids
+from f2l.encode import EncodedVideos, encode_videos, image_features, multimodal_embeds, prompt_ids
 from f2l.generate import SamplingConfig, generate, left_pad, left_pad_embeds, position_ids_from_mask, trim_stop_strings
 from f2l.presets import BaseVLM, load_base
 from f2l.prompt import answer_text, question_prompt
@@ -459,9 +459,21 @@ class Frames2LoRA(nn.Module):
             stop_strings = _check_str_list("stop_strings", stop_strings)
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, seed)
         tok = self.base.tokenizer
-        loaded = self._load(videos)
-        embeds = [multimodal_embeds(self.base, prompt_ids(self.base, v, p), v, chunk_frames=self.config.chunk_frames)
-                  for v, p in zip(loaded, prompts)]
+        # Several questions about one video (the same object or path) load it and run the
+        # vision tower once; the distinct videos' frames go through the tower together.
+        slot, uniq = [], {}
+        for v in videos:
+            key = ("path", os.fspath(v)) if isinstance(v, (str, os.PathLike)) else ("obj", id(v))
+            slot.append(uniq.setdefault(key, len(uniq)))
+        firsts = {}
+        for v, j in zip(videos, slot):
+            firsts.setdefault(j, v)
+        loaded = self._load([firsts[j] for j in range(len(firsts))])
+        feats = image_features(self.base, torch.cat([v.pixel_values for v in loaded]),
+                               chunk_frames=self.config.chunk_frames)
+        feats = feats.split([v.num_frames * self.base.tokens_per_frame for v in loaded])
+        embeds = [multimodal_embeds(self.base, prompt_ids(self.base, loaded[j], p), None, features=feats[j])
+                  for j, p in zip(slot, prompts)]
         x, mask = left_pad_embeds(embeds)
         out = generate(self._step, inputs_embeds=x, attention_mask=mask, cfg=cfg,
                        stop_ids=self.base.stop_token_ids(), pad_id=tok.pad_token_id,

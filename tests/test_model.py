@@ -312,6 +312,29 @@ def test_answer_in_context_matches_hf_generate(model, videos):
         assert g == base.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def test_answer_in_context_shares_a_repeated_video(model, videos, tmp_path):
+    """Questions about one video (the same frames object, or the same path twice) run its
+    vision tower once; the answers equal asking each row on its own."""
+    path = str(write_mp4(tmp_path / "v.mp4"))
+    rows = [videos[1], videos[0], videos[1], path, videos[2], path, videos[1]]
+    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(rows))]
+    calls = []
+    tower = model.base.vision_model.forward
+
+    def counting(*a, **kw):
+        calls.append(kw["pixel_values"].shape[0])
+        return tower(*a, **kw)
+
+    model.base.vision_model.forward = counting
+    try:
+        got = model.answer_in_context(rows, qs, max_new_tokens=6)
+    finally:
+        del model.base.vision_model.forward
+    n_path = model._load([path])[0].num_frames
+    assert sum(calls) == 6 + 3 + 2 + n_path  # every distinct video's frames once
+    assert got == [model.answer_in_context([v], [q], max_new_tokens=6)[0] for v, q in zip(rows, qs)]
+
+
 # ------------------------------------------------------------------ persistence
 
 
