@@ -79,7 +79,9 @@ class DemoSettings:
     # 384: the order question's adapter misses 0.5-3 % (measured); at 192 rows six misses
     # already put the CI's lower end past -0.05, at 384 it takes thirteen.
     test_multi: int = 384
-    test_joins: int = 96
+    # ~470 composed questions: with the base at 0.95 in context, the CI of a difference of
+    # zero spans about +-0.025 (+-0.035 with 96 joins)
+    test_joins: int = 192
     sweep: tuple[int, ...] = (1, 4, 16)  # multiples of ``frames``
     sweep_segments: int = 48  # 192 questions a frame count: one miss moves the accuracy by 0.005
     # The compose stage (single-segment groups plus joins) does most of the work on
@@ -105,7 +107,7 @@ class DemoSettings:
     kl_weight: float = 0.0
     margin: float = 0.05
     n_boot: int = 2000
-    ttft_repeats: int = 3
+    ttft_repeats: int = 7  # median of 7: a 10-ms adapter call on a busy CPU varies by half
 
     @classmethod
     def quick(cls) -> "DemoSettings":
