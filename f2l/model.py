@@ -51,6 +51,23 @@ def _check_video_list(videos) -> list:
     return list(videos)
 
 
+def _token_ids(owner, text: str) -> list[int]:
+    """``text``'s token ids under ``owner.base.tokenizer``, remembered on ``owner``: training
+    asks the same questions every epoch and tokenizing them again cost a tenth of a CPU step.
+    Bounded; per tokenizer."""
+    tok = owner.base.tokenizer
+    held = owner.__dict__.get("_token_cache")
+    if held is None or held[0] is not tok:
+        held = owner.__dict__["_token_cache"] = (tok, {})
+    cache = held[1]
+    ids = cache.get(text)
+    if ids is None:
+        if len(cache) >= 1 << 16:
+            cache.clear()
+        ids = cache[text] = tuple(tok(text, add_special_tokens=False)["input_ids"])
+    return list(ids)
+
+
 class Frames2LoRA(nn.Module):
     """A frozen SmolVLM2 (``base``), the Frames2LoRA hypernetwork (``hypernet``, the only
     trainable part) and the per-example LoRA patch on the base's decoder (``patch``)."""
@@ -281,8 +298,8 @@ class Frames2LoRA(nn.Module):
         tok = self.base.tokenizer
         rows, labels = [], []
         for i, p in enumerate(prompts):
-            q = self._token_ids(question_prompt(p))
-            a = self._token_ids(answer_text(answers[i])) if answers is not None else []
+            q = _token_ids(self, question_prompt(p))
+            a = _token_ids(self, answer_text(answers[i])) if answers is not None else []
             rows.append(q + a)
             labels.append([-100] * len(q) + a)
         from f2l.generate import pad_labelled
@@ -290,21 +307,6 @@ class Frames2LoRA(nn.Module):
         ids, mask, lab = pad_labelled(rows, labels, tok.pad_token_id, side=padding_side)
         dev = self.device
         return ids.to(dev), mask.to(dev), lab.to(dev)
-
-    def _token_ids(self, text: str) -> list[int]:
-        """``text``'s token ids, remembered: training asks the same questions every epoch and
-        tokenizing them again cost a tenth of a CPU step. Bounded; per tokenizer."""
-        tok = self.base.tokenizer
-        held = self.__dict__.get("_token_cache")
-        if held is None or held[0] is not tok:
-            held = self.__dict__["_token_cache"] = (tok, {})
-        cache = held[1]
-        ids = cache.get(text)
-        if ids is None:
-            if len(cache) >= 1 << 16:
-                cache.clear()
-            ids = cache[text] = tuple(tok(text, add_special_tokens=False)["input_ids"])
-        return list(ids)
 
     def _adapter_context(self, adapters, adapter_ids):
         if adapters is None:
