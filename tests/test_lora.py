@@ -265,6 +265,30 @@ def test_backward_is_deterministic(lens):
         assert torch.equal(a, b)
 
 
+def test_reference_backward_is_deterministic_on_two_threads():
+    """The CPU path trains the demo: many sequences listing the same pool entries (composition,
+    shared bias ranks) must give bit-identical gradients run to run with two threads."""
+    n = 32
+    ids = [[i % 5, 7, 5 + i % 2] if i % 3 else [i % 7, 7] for i in range(n)]
+    batch = LoraBatch.build([3] * n, ids)
+    torch.manual_seed(0)
+    x = torch.randn(3 * n, 192)
+    a0, b0 = torch.randn(8, 8, 192), torch.randn(8, 64, 8)
+    dy = torch.randn(3 * n, 64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(6):
+            a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+            lora_delta_ref(x, a, b, batch, 0.5).backward(dy)
+            runs.append((a.grad, b.grad))
+    finally:
+        torch.set_num_threads(old)
+    for ga, gb in runs[1:]:
+        assert torch.equal(ga, runs[0][0]) and torch.equal(gb, runs[0][1])
+
+
 def test_matches_peft_lora_model():
     peft = pytest.importorskip("peft")
     d_in, d_out, r, alpha = 24, 20, 4, 8

@@ -96,7 +96,12 @@ def lora_delta_ref(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     svec = scale_vector(scale, P, dev).to(compute_dtype)
     ac, bc = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
     pid, w, ok, dense = _slots(batch, dev)  # [S, J]
-    a_s, b_s = ac[pid], bc[pid]  # [S, J, r, d_in], [S, J, d_out, r]
+    # index_select, not ac[pid]: many sequences list the same pool entry, and the backward of
+    # advanced indexing (an accumulating index_put) adds their gradients in a thread-dependent
+    # order on CPU; index_select's backward does not
+    flat = pid.reshape(-1)
+    a_s = ac.index_select(0, flat).view(*pid.shape, r_max, d_in)  # [S, J, r, d_in]
+    b_s = bc.index_select(0, flat).view(*pid.shape, d_out, r_max)  # [S, J, d_out, r]
     if not dense or batch.ranks is not None:
         # ragged lists or ranks below r_max: zero the absent slots and the unused ranks
         ranks = batch.rank_vector(P, r_max).to(dev)
