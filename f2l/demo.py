@@ -76,7 +76,7 @@ class DemoSettings:
     # (with 48 rows, one discordant answer puts the 95% CI's lower end at -0.06; with 96,
     # two put it at -0.05).
     test_segments: int = 144
-    # 384: the order question's adapter misses 0.5-3 % (measured); at 192 rows six misses
+    # 384: the order question's adapter misses 0.3-2.3 % (seven runs); at 192 rows six misses
     # already put the CI's lower end past -0.05, at 384 it takes thirteen.
     test_multi: int = 384
     # ~470 composed questions: with the base at 0.95 in context, the CI of a difference of

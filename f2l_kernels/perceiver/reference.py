@@ -130,11 +130,12 @@ def _padded(qf, k_all, v_all, bounds, seqs, latent_k, latent_v, rep, scale):
     q_b = qf[sel]
     if T + extra == 0:  # no keys at all: zeros, as the contract defines
         return q_b * 0.0
-    src = np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in seqs])
-    dst = np.concatenate([i * T + np.arange(n) for i, n in enumerate(lens)])
-    src_t, dst_t = torch.from_numpy(src).to(dev), torch.from_numpy(dst).to(dev)
-    k_rows = k_all if contiguous and len(seqs) == len(bounds) - 1 else k_all.index_select(0, src_t)
-    v_rows = v_all if contiguous and len(seqs) == len(bounds) - 1 else v_all.index_select(0, src_t)
+    if contiguous and Sb == len(bounds) - 1:  # every sequence, in order: all of the rows
+        k_rows, v_rows = k_all, v_all
+    else:
+        src = torch.from_numpy(np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in seqs])).to(dev)
+        k_rows, v_rows = k_all.index_select(0, src), v_all.index_select(0, src)
+    dst_t = torch.from_numpy(np.concatenate([i * T + np.arange(n) for i, n in enumerate(lens)])).to(dev)
     k = k_all.new_zeros(Sb * T, Hkv, Dh).index_copy(0, dst_t, k_rows).view(Sb, T, Hkv, Dh)
     v = v_all.new_zeros(Sb * T, Hkv, Dh).index_copy(0, dst_t, v_rows).view(Sb, T, Hkv, Dh)
     lens_t = torch.tensor(lens, device=dev)
