@@ -463,14 +463,14 @@ class Frames2LoRA(nn.Module):
         tok = self.base.tokenizer
         # Several questions about one video (the same object or path) load it and run the
         # vision tower once; the distinct videos' frames go through the tower together.
-        slot, uniq = [], {}
+        slot, index, distinct = [], {}, []
         for v in videos:
             key = ("path", os.fspath(v)) if isinstance(v, (str, os.PathLike)) else ("obj", id(v))
-            slot.append(uniq.setdefault(key, len(uniq)))
-        firsts = {}
-        for v, j in zip(videos, slot):
-            firsts.setdefault(j, v)
-        loaded = self._load([firsts[j] for j in range(len(firsts))])
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(v)
+            slot.append(index[key])
+        loaded = self._load(distinct)
         feats = image_features(self.base, torch.cat([v.pixel_values for v in loaded]),
                                chunk_frames=self.config.chunk_frames)
         feats = feats.split([v.num_frames * self.base.tokens_per_frame for v in loaded])
